@@ -1,0 +1,290 @@
+"""One typed configuration for every run: scenario TOML, `--set`, Flower run-config.
+
+The field names are the knobs users type (`synthesis.iterations`, `partition.alpha`).
+Nested sections are frozen dataclasses; `Config.from_dict` refuses unknown keys and
+wrong types with a message naming the key, `Config.to_flat` gives the dotted form that
+Flower's run-config carries (bool, int, float and str only), and `Config.from_flat`
+reads it back, so the server and every client rebuild the same object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is wrong; the message names the key."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str = ""  # CIFAR-100 Parquet/pickle folder or echo manifest folder
+    max_per_class: int = 0  # subsample each class of each split for quick runs (0: all)
+    image_size: int = 0  # side length fed to the model (0: the dataset's default)
+    val_fraction: float = 0.1  # share of training data held out for model selection
+    cache_dir: str = ""  # where decoded echo frames are cached ("": beside the data)
+    # procedural echo (`dataset = "echo-synth"`)
+    patients: int = 60  # patients per device
+    devices: int = 3
+    cines_per_view: int = 1  # cines of each view per patient
+    frames: int = 8  # frames per cine
+    download: bool = False  # CIFAR-100: fetch the official archive when root is empty
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    scheme: str = "iid"  # iid | dirichlet | device | schedule
+    alpha: float = 0.5  # Dirichlet concentration (label skew), redrawn per task
+    # explicit arrival schedule: "site:class@task,..." e.g. "1:4@3" = site 1 gains class 4
+    # at task 3 (tasks and sites counted from 0); classes not named follow `iid`
+    schedule: str = ""
+    min_per_site: int = 1  # Dirichlet redraws until every site holds this many samples
+
+
+@dataclass(frozen=True)
+class SynthesisConfig:
+    iterations: int = 2000
+    per_class: int = 20  # impressions per old class (balanced)
+    batch_size: int = 0  # images optimised together (0: all old classes in one batch)
+    lr: float = 0.05
+    init: str = "mean"  # mean (class-mean image + noise) | random (the ablation)
+    init_noise: float = 0.1
+    warmup: int = 100  # linear learning-rate warm-up iterations, then cosine decay
+    bn_weight: float = 1.0  # a_bn
+    first_bn_weight: float = 10.0  # r_1: weight of the first BatchNorm layer
+    tv_weight: float = 1e-3  # a_tv
+    l2_weight: float = 1e-2  # a_l2
+    jitter: int = 0  # random roll in pixels (0: about image_size / 16)
+    flip: bool = True
+    compile: bool = False  # torch.compile the synthesis step (CUDA only)
+    min_mean_count: int = 10  # share a class mean only if the site has this many images
+    mean_noise_std: float = 0.0  # Gaussian noise added to shared class means
+
+
+@dataclass(frozen=True)
+class ClassImpressionConfig:
+    synthetic_ratio: float = 0.66  # share of each batch drawn from impressions
+    distill_weight: float = -1.0  # alpha_dist (< 0: 5 * sqrt(n_old / n_new), upstream)
+    margin_weight: float = 1.0  # alpha_margin (0 disables the margin loss)
+    margin: float = 0.7
+    top_k: int = 1
+    contrastive_weight: float = 0.1  # alpha_contras (0 disables)
+    contrastive_form: str = "pooled"  # pooled (upstream) | per_class (paper's InfoNCE)
+    tau: float = 1.0
+    rho: float = 0.9  # centroid update rate (weight of the new batch)
+    class_weights: bool = True  # CE class weights max_j n_j / n_c
+    freeze_old: bool = True  # keep the old head rows fixed
+    imprint: bool = True  # new-class rows from mean teacher features
+    transductive: bool = False  # contrastive target = the test images (paper's choice)
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    strategy: str = "fedavg"  # fedavg | median | trimmed_mean | krum
+    fraction_train: float = 1.0
+    min_sites: int = 1  # fewest valid replies a round needs
+    timeout: float = 600.0  # seconds a round waits for replies
+    trim_beta: float = 0.2
+    krum_malicious: int = 1
+    max_norm_ratio: float = 10.0  # reject updates whose norm exceeds this x the median
+    cpus_per_site: float = 1.0
+    gpus_per_site: float = 0.0
+
+
+@dataclass(frozen=True)
+class Config:
+    method: str = "finetune"
+    dataset: str = "echo-synth"  # cifar100 | echo | echo-synth
+    model: str = "auto"  # auto | resnet32 | resnet18 | echo_net
+    head: str = "cosine"  # cosine | linear
+    tasks: int = 4
+    init_classes: int = 0  # classes in the first task (0: equal split)
+    class_order: str = "natural"  # natural | abd | target
+    order_seed: int = 0  # repeat r of the ABD protocol
+    sites: int = 1
+    rounds_per_task: int = 1
+    local_epochs: int = 1
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_schedule: str = "cosine"  # cosine | constant, over a task's local epochs
+    augment: bool = True
+    device: str = "auto"  # cpu | cuda | auto
+    amp: bool = True  # bf16 autocast on CUDA
+    seed: int = 0
+    num_workers: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
+    ci: ClassImpressionConfig = field(default_factory=ClassImpressionConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+
+    # ----- construction -------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, base: Config | None = None) -> Config:
+        """Nested dict (a parsed TOML) over `base` (defaults); refuses unknown keys."""
+        return _apply(base or cls(), values, prefix="")
+
+    @classmethod
+    def from_flat(cls, flat: dict[str, Any], *, base: Config | None = None) -> Config:
+        """Dotted keys (`synthesis.iterations`), as in Flower's run-config."""
+        return cls.from_dict(_nest(flat), base=base)
+
+    @classmethod
+    def from_toml(cls, path: str | Path, overrides: list[str] | None = None) -> Config:
+        """A scenario file, then `key=value` overrides (values in TOML syntax)."""
+        path = Path(path)
+        try:
+            values = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"scenario file not found: {path}") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path}: not valid TOML: {err}") from None
+        try:
+            config = cls.from_dict(values)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+        return config.with_overrides(overrides or [])
+
+    def with_overrides(self, overrides: list[str]) -> Config:
+        """Apply `key=value` strings, e.g. `synthesis.iterations=50`."""
+        flat: dict[str, Any] = {}
+        for item in overrides:
+            key, sep, raw = item.partition("=")
+            if not sep or not key.strip():
+                raise ConfigError(f"override {item!r} is not of the form key=value")
+            flat[key.strip()] = parse_value(raw.strip())
+        return Config.from_flat(flat, base=self)
+
+    # ----- export ---------------------------------------------------------------------
+    def to_flat(self) -> dict[str, bool | int | float | str]:
+        """Dotted keys with scalar values: what Flower's run-config and records carry."""
+        out: dict[str, bool | int | float | str] = {}
+        _flatten(self, "", out)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> Config:
+        return replace(self, **changes)
+
+    # ----- derived --------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        from fl_ci.data.registry import dataset_num_classes
+
+        return dataset_num_classes(self.dataset)
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "dataset": ("cifar100", "echo", "echo-synth"),
+    "model": ("auto", "resnet32", "resnet18", "echo_net"),
+    "head": ("cosine", "linear"),
+    "class_order": ("natural", "abd", "target"),
+    "device": ("cpu", "cuda", "auto"),
+    "lr_schedule": ("cosine", "constant"),
+    "partition.scheme": ("iid", "dirichlet", "device", "schedule"),
+    "synthesis.init": ("mean", "random"),
+    "ci.contrastive_form": ("pooled", "per_class"),
+    "federation.strategy": ("fedavg", "median", "trimmed_mean", "krum"),
+}
+_POSITIVE = {
+    "tasks", "sites", "rounds_per_task", "batch_size", "eval_batch_size",
+    "synthesis.per_class", "data.devices", "data.patients", "data.frames",
+    "data.cines_per_view", "synthesis.iterations",
+}  # fmt: skip
+_NON_NEGATIVE = {
+    "local_epochs", "init_classes", "lr", "weight_decay", "momentum",
+    "data.max_per_class", "data.image_size", "synthesis.batch_size", "synthesis.lr",
+    "synthesis.warmup", "synthesis.init_noise", "synthesis.jitter",
+    "synthesis.min_mean_count", "synthesis.mean_noise_std", "ci.margin_weight",
+    "ci.contrastive_weight", "ci.top_k", "num_workers", "federation.min_sites",
+    "partition.min_per_site",
+}  # fmt: skip
+_UNIT = {"data.val_fraction", "ci.synthetic_ratio", "ci.rho", "federation.fraction_train"}
+
+
+def parse_value(raw: str) -> Any:
+    """A `--set` value: TOML literal (`5`, `0.1`, `true`, `"x"`) or else a bare string."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _apply(obj: Any, values: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a table")
+    hints = typing.get_type_hints(type(obj))
+    known = {f.name for f in fields(obj)}
+    changes: dict[str, Any] = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        dotted = prefix + name
+        if name not in known:
+            raise ConfigError(f"unknown config key '{prefix + key}'")
+        current = getattr(obj, name)
+        if is_dataclass(current):
+            changes[name] = _apply(current, value, dotted + ".")
+        else:
+            changes[name] = _check(dotted, hints[name], value)
+    return replace(obj, **changes)
+
+
+def _check(key: str, kind: Any, value: Any) -> Any:
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+    elif kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        value = float(value)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"config key '{key}' must be finite, got {value!r}")
+    elif kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+    if key in _CHOICES and value not in _CHOICES[key]:
+        raise ConfigError(
+            f"config key '{key}' must be one of {', '.join(_CHOICES[key])}; got {value!r}"
+        )
+    if key in _POSITIVE and value <= 0:
+        raise ConfigError(f"config key '{key}' must be > 0, got {value!r}")
+    if key in _NON_NEGATIVE and value < 0:
+        raise ConfigError(f"config key '{key}' must be >= 0, got {value!r}")
+    if key in _UNIT and not 0 <= value <= 1:
+        raise ConfigError(f"config key '{key}' must lie in [0, 1], got {value!r}")
+    return value
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        parts = key.split(".")
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"config key '{key}' conflicts with a scalar key")
+        node[parts[-1]] = value
+    return nested
+
+
+def _flatten(obj: Any, prefix: str, out: dict[str, Any]) -> None:
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if is_dataclass(value):
+            _flatten(value, f"{prefix}{f.name}.", out)
+        else:
+            out[prefix + f.name] = value
