@@ -209,7 +209,12 @@ _NON_NEGATIVE = {
     "ci.contrastive_weight", "ci.top_k", "num_workers", "federation.min_sites",
     "partition.min_per_site",
 }  # fmt: skip
-_UNIT = {"data.val_fraction", "ci.synthetic_ratio", "ci.rho", "federation.fraction_train"}
+_UNIT = {
+    "data.val_fraction",
+    "ci.synthetic_ratio",
+    "ci.rho",
+    "federation.fraction_train",
+}
 
 
 def parse_value(raw: str) -> Any:
@@ -242,7 +247,9 @@ def _apply(obj: Any, values: dict[str, Any], prefix: str) -> Any:
 def _check(key: str, kind: Any, value: Any) -> Any:
     if kind is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+            raise ConfigError(
+                f"config key '{key}' must be true or false, got {value!r}"
+            )
     elif kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")

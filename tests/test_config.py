@@ -14,7 +14,7 @@ def test_defaults_round_trip_through_flat_form():
 
 
 def test_set_values_are_parsed_as_toml():
-    cfg = Config().with_overrides(["lr=0.1", "ci.freeze_old=false", "method=\"lwf\""])
+    cfg = Config().with_overrides(["lr=0.1", "ci.freeze_old=false", 'method="lwf"'])
     assert cfg.lr == 0.1 and cfg.ci.freeze_old is False and cfg.method == "lwf"
 
 

@@ -49,14 +49,18 @@ def test_iid_sites_get_equal_shares():
 
 
 def test_device_partition_gives_site_k_device_k():
-    parts = partition_task(LABELS, DEVICES, 3, PartitionConfig(scheme="device"), task=0, seed=0)
+    parts = partition_task(
+        LABELS, DEVICES, 3, PartitionConfig(scheme="device"), task=0, seed=0
+    )
     for site, rows in enumerate(parts):
         assert set(DEVICES[rows].tolist()) == {site}
 
 
 def test_device_partition_needs_one_site_per_device():
     with pytest.raises(ConfigError, match="one site per device"):
-        partition_task(LABELS, DEVICES, 2, PartitionConfig(scheme="device"), task=0, seed=0)
+        partition_task(
+            LABELS, DEVICES, 2, PartitionConfig(scheme="device"), task=0, seed=0
+        )
 
 
 def test_schedule_gives_a_class_to_its_sites_at_their_tasks():

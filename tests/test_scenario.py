@@ -49,4 +49,8 @@ def test_schedule_refuses_unknown_class_and_site():
 
 
 def test_schedule_moves_a_class_to_its_first_arrival():
-    assert apply_schedule([[0], [1, 2], [3, 4]], {4: {1: 1, 0: 2}}) == [[0], [1, 2, 4], [3]]
+    assert apply_schedule([[0], [1, 2], [3, 4]], {4: {1: 1, 0: 2}}) == [
+        [0],
+        [1, 2, 4],
+        [3],
+    ]

@@ -137,7 +137,9 @@ def batches(
     order = torch.randperm(n, generator=generator) if train else torch.arange(n)
     for start in range(0, n, batch_size):
         idx = order[start : start + batch_size]
-        x = pick_frames(data.frames[idx], train, generator).to(device, non_blocking=True)
+        x = pick_frames(data.frames[idx], train, generator).to(
+            device, non_blocking=True
+        )
         x = normalize(x, data.mean, data.std)
         if train and (pad or flip):
             x = augment(x, pad, flip, generator)

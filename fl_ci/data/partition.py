@@ -97,15 +97,18 @@ def _as_dataset(labels: torch.Tensor, devices: torch.Tensor):
     )
 
 
-def _by_schedule(labels, devices, sites, cfg, task, seed, schedule) -> list[torch.Tensor]:
+def _by_schedule(
+    labels, devices, sites, cfg, task, seed, schedule
+) -> list[torch.Tensor]:
     parts: list[list[int]] = [[] for _ in range(sites)]
     free = ~torch.isin(labels, torch.tensor(sorted(schedule), dtype=torch.long))
     free_rows = torch.nonzero(free).flatten()
     if len(free_rows):
         base = PartitionConfig(scheme="iid")
         for site, rows in enumerate(
-            partition_task(labels[free_rows], devices[free_rows], sites, base,
-                           task=task, seed=seed)
+            partition_task(
+                labels[free_rows], devices[free_rows], sites, base, task=task, seed=seed
+            )
         ):
             parts[site].extend(free_rows[rows].tolist())
     for cls, arrivals in schedule.items():

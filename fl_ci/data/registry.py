@@ -56,7 +56,9 @@ def load_splits(cfg: Config) -> Splits:
         from fl_ci.data.echo import load_echo_manifest, split_by_patient
 
         if not d.root:
-            raise ConfigError("config key 'data.root' must name the echo manifest folder")
+            raise ConfigError(
+                "config key 'data.root' must name the echo manifest folder"
+            )
         data = load_echo_manifest(
             d.root,
             image_size=d.image_size or 64,
@@ -80,10 +82,14 @@ def load_splits(cfg: Config) -> Splits:
 
     test_share = 0.2
     train, val, test = split_by_patient(
-        data, (1 - d.val_fraction - test_share, d.val_fraction, test_share), seed=cfg.seed
+        data,
+        (1 - d.val_fraction - test_share, d.val_fraction, test_share),
+        seed=cfg.seed,
     )
     if d.max_per_class:
-        train, val, test = (first_per_class(s, d.max_per_class) for s in (train, val, test))
+        train, val, test = (
+            first_per_class(s, d.max_per_class) for s in (train, val, test)
+        )
     return Splits(train, val, test)
 
 

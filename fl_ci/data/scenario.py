@@ -28,7 +28,9 @@ def class_order(num_classes: int, scheme: str, seed: int = 0) -> list[int]:
         return order
     if scheme == "target":
         # the legacy global RNG is a RandomState, so this equals np.random.seed(2023)
-        return [int(c) for c in np.random.RandomState(2023 + seed).permutation(num_classes)]
+        return [
+            int(c) for c in np.random.RandomState(2023 + seed).permutation(num_classes)
+        ]
     raise ConfigError(f"config key 'class_order' has unknown value {scheme!r}")
 
 
@@ -49,7 +51,11 @@ def task_splits(num_classes: int, tasks: int, init_classes: int = 0) -> list[lis
     else:
         first = init_classes
     rest = num_classes - first
-    if first > num_classes or (tasks == 1 and rest) or (tasks > 1 and rest % (tasks - 1)):
+    if (
+        first > num_classes
+        or (tasks == 1 and rest)
+        or (tasks > 1 and rest % (tasks - 1))
+    ):
         raise ConfigError(
             f"config key 'init_classes': {first} first classes and {tasks - 1} further "
             f"equal tasks cannot cover {num_classes} classes"
@@ -64,7 +70,9 @@ def task_splits(num_classes: int, tasks: int, init_classes: int = 0) -> list[lis
     return splits
 
 
-def parse_schedule(text: str, class_names: list[str], sites: int) -> dict[int, dict[int, int]]:
+def parse_schedule(
+    text: str, class_names: list[str], sites: int
+) -> dict[int, dict[int, int]]:
     """`"site:class@task, ..."` -> {class: {site: task}} (model labels, counted from 0).
 
     `class` is a class name (`PSAX`) or a model label. "2:PSAX@3" means site 2 gains
@@ -95,7 +103,9 @@ def parse_schedule(text: str, class_names: list[str], sites: int) -> dict[int, d
                 f"0..{sites - 1}"
             )
         if task < 0:
-            raise ConfigError(f"config key 'partition.schedule': negative task in {raw!r}")
+            raise ConfigError(
+                f"config key 'partition.schedule': negative task in {raw!r}"
+            )
         schedule.setdefault(cls, {})[site] = task
     return schedule
 

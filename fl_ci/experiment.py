@@ -1,0 +1,251 @@
+"""One class-incremental study: data, task schedule, sites, and what each side does.
+
+The same functions serve the single-machine runner and the Flower apps:
+- `Experiment.from_config` loads the data, fixes the class order and the task split;
+- `Experiment.site_data` is a site's real training data for a task;
+- `grow_for_task` is the server's step at a task boundary;
+- `site_round` is one site's local round (method hooks inside the one trainer);
+- `evaluate` fills a row of the accuracy matrix.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fl_ci.config import Config, ConfigError
+from fl_ci.data.base import DataError, ImageData, batches, valid_range
+from fl_ci.data.partition import check_partitions, partition_task
+from fl_ci.data.registry import Splits, load_splits, relabel
+from fl_ci.data.scenario import apply_schedule, class_order, parse_schedule, task_splits
+from fl_ci.methods import SiteContext, SiteStore, build_method
+from fl_ci.models import IncrementalNet, build_model, model_for
+from fl_ci.synthesis import ClassMeans
+from fl_ci.trainer import resolve_device, train_round
+
+log = logging.getLogger("fl_ci")
+
+
+@dataclass
+class Experiment:
+    """The data and the schedule of one study, in model labels (arrival order)."""
+
+    cfg: Config
+    splits: Splits
+    tasks: list[list[int]]
+    schedule: dict[int, dict[int, int]] = field(default_factory=dict)
+    _parts: dict[int, list[torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Experiment:
+        raw = load_splits(cfg)
+        k = cfg.num_classes
+        order = class_order(k, cfg.class_order, cfg.order_seed)
+        positions = task_splits(k, cfg.tasks, cfg.init_classes)
+        tasks_ds = [[order[p] for p in s] for s in positions]
+        schedule_ds: dict[int, dict[int, int]] = {}
+        if cfg.partition.scheme == "schedule":
+            if not cfg.partition.schedule:
+                raise ConfigError(
+                    "config key 'partition.schedule' is empty but 'partition.scheme' "
+                    "is 'schedule'"
+                )
+            schedule_ds = parse_schedule(
+                cfg.partition.schedule, raw.class_names, cfg.sites
+            )
+            tasks_ds = apply_schedule(tasks_ds, schedule_ds)
+        final_order = [c for t in tasks_ds for c in t]
+        rank = {c: i for i, c in enumerate(final_order)}
+        splits = Splits(
+            *(relabel(s, final_order) for s in (raw.train, raw.val, raw.test))
+        )
+        tasks, start = [], 0
+        for t in tasks_ds:
+            tasks.append(list(range(start, start + len(t))))
+            start += len(t)
+        schedule = {rank[c]: sites for c, sites in schedule_ds.items()}
+        return cls(cfg, splits, tasks, schedule)
+
+    # ----- shape of the study ------------------------------------------------------
+    @property
+    def class_names(self) -> list[str]:
+        return self.splits.class_names
+
+    def seen(self, task: int) -> int:
+        """Classes known after `task`."""
+        return sum(len(t) for t in self.tasks[: task + 1])
+
+    def build_model(self) -> IncrementalNet:
+        """The model at task 0, before any training."""
+        cfg = self.cfg
+        return build_model(
+            model_for(cfg.dataset, cfg.model),
+            num_classes=len(self.tasks[0]),
+            in_channels=self.splits.train.channels,
+            head=cfg.head,
+        )
+
+    # ----- data at a site ------------------------------------------------------------
+    def site_data(
+        self, task: int, site: int, classes: list[int] | None = None
+    ) -> ImageData:
+        """Site `site`'s real training data at `task`.
+
+        Default: the rows the site receives at this task (its share of the new
+        classes, plus any class a schedule brings to it now). With `classes`: every
+        row of those classes the site received up to this task (joint training), so
+        a site only ever sees rows it was given.
+        """
+        if not 0 <= site < self.cfg.sites:
+            raise ConfigError(f"site {site} is not in 0..{self.cfg.sites - 1}")
+        labels = self.splits.train.labels
+        rows = []
+        for t in range(task + 1) if classes is not None else [task]:
+            task_rows, parts = self._partition(t)
+            mine = task_rows[parts[site]]
+            if classes is not None:
+                mine = mine[torch.isin(labels[mine], torch.tensor(classes))]
+            rows.append(mine)
+        return self.splits.train.subset(torch.cat(rows).sort().values)
+
+    def _partition(self, task: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        train = self.splits.train
+        classes = set(self.tasks[task]) | set(self.schedule)
+        task_rows = torch.nonzero(
+            torch.isin(train.labels, torch.tensor(sorted(classes)))
+        ).flatten()
+        if task not in self._parts:
+            parts = partition_task(
+                train.labels[task_rows],
+                train.devices[task_rows],
+                self.cfg.sites,
+                self.cfg.partition,
+                task=task,
+                seed=self.cfg.seed,
+                schedule=self.schedule,
+            )
+            check_partitions(parts, len(task_rows), task)
+            self._parts[task] = parts
+        return task_rows, self._parts[task]
+
+    def unlabelled(self, task: int, site: int, data: ImageData) -> ImageData:
+        """Contrastive target: the site's own task images (labels unused), or, with
+        `ci.transductive`, the test images of every class seen (the paper's choice,
+        reported as such)."""
+        if self.cfg.ci.transductive:
+            return self.test_data(task)
+        return data
+
+    def test_data(self, task: int) -> ImageData:
+        return self.splits.test.of_classes(list(range(self.seen(task))))
+
+
+# ----- the server's side -------------------------------------------------------------
+def grow_for_task(model: IncrementalNet, new_classes: int) -> IncrementalNet:
+    """The global model for a new task: the old model plus `new_classes` head rows."""
+    grown = copy.deepcopy(model)
+    grown.grow(new_classes)
+    return grown
+
+
+# ----- one site's round --------------------------------------------------------------
+def site_round(
+    exp: Experiment,
+    model: IncrementalNet,
+    teacher: IncrementalNet | None,
+    *,
+    task: int,
+    round: int,
+    site: int,
+    class_means: torch.Tensor | None = None,
+    store: SiteStore | None = None,
+    progress: bool = True,
+) -> tuple[IncrementalNet, dict[str, Any]]:
+    """Train `model` (already grown for `task`) at `site` for one round."""
+    cfg = exp.cfg
+    method = build_method(cfg)
+    new_classes = exp.tasks[task]
+    device = resolve_device(cfg.device)
+    ctx = SiteContext(
+        cfg=cfg,
+        task=task,
+        round=round,
+        site=site,
+        new_classes=new_classes,
+        num_old=new_classes[0],
+        data=exp.splits.train.subset(torch.zeros(0, dtype=torch.long)),
+        teacher=teacher,
+        class_means=class_means,
+        unlabelled=None,
+        device=device,
+        store=store or SiteStore(),
+        seed=cfg.seed,
+        progress=progress,
+    )
+    ctx.data = exp.site_data(task, site, method.train_classes(ctx))
+    if len(ctx.data) == 0:
+        raise DataError(f"site {site} has no training data for task {task}")
+    ctx.unlabelled = exp.unlabelled(task, site, ctx.data)
+    method.begin_task(model, ctx)
+    method.prepare_model(model, ctx)
+    metrics = train_round(model, method, ctx)
+    if round == cfg.rounds_per_task - 1:
+        metrics.update(method.end_task(model, ctx))
+    model.to("cpu")
+    if teacher is not None:
+        teacher.to("cpu")
+    return model, metrics
+
+
+def site_class_means(exp: Experiment, task: int, site: int) -> ClassMeans:
+    """(sum, count) per class of the site's task data, in normalised input space."""
+    return ClassMeans.from_data(exp.site_data(task, site), classes=exp.tasks[task])
+
+
+# ----- evaluation --------------------------------------------------------------------
+@torch.no_grad()
+def predict(
+    model: IncrementalNet, data: ImageData, device, batch_size: int
+) -> torch.Tensor:
+    model.to(device).eval()
+    preds = [
+        model(x).argmax(1).cpu()
+        for x, _ in batches(data, batch_size, train=False, device=device)
+    ]
+    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+
+
+def evaluate(
+    exp: Experiment, model: IncrementalNet, task: int, split: str = "test"
+) -> dict:
+    """Accuracy (%) on each task's classes so far, over all classes seen (one R row)."""
+    cfg = exp.cfg
+    data = getattr(exp.splits, split).of_classes(list(range(exp.seen(task))))
+    device = resolve_device(cfg.device)
+    pred = predict(model, data, device, cfg.eval_batch_size)
+    correct = (pred == data.labels).float()
+    per_task = []
+    for classes in exp.tasks[: task + 1]:
+        mask = torch.isin(data.labels, torch.tensor(classes))
+        per_task.append(
+            100 * float(correct[mask].mean()) if mask.any() else float("nan")
+        )
+    n_old = exp.tasks[task][0]
+    old = data.labels < n_old
+    return {
+        "per_task": per_task,
+        "accuracy": 100 * float(correct.mean()) if len(correct) else float("nan"),
+        "old_accuracy": 100 * float(correct[old].mean()) if old.any() else float("nan"),
+        "new_accuracy": 100 * float(correct[~old].mean())
+        if (~old).any()
+        else float("nan"),
+        "examples": len(data),
+    }
+
+
+def image_bounds(exp: Experiment) -> tuple[torch.Tensor, torch.Tensor]:
+    return valid_range(exp.splits.train.mean, exp.splits.train.std)

@@ -1,0 +1,128 @@
+"""Collects a run's evaluations and writes its output folder.
+
+Single-machine and federated runs write the same files: `metrics.parquet` (one row
+per round and evaluation), `summary.json`, `accuracy.png` (accuracy against classes
+seen) and `accuracy_matrix.png`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fl_ci import metrics
+from fl_ci.config import Config
+from fl_ci.results import (
+    format_table,
+    plot_accuracy,
+    plot_matrix,
+    write_json,
+    write_metrics,
+)
+
+SUMMARY_COLUMNS = [
+    "method",
+    "dataset",
+    "sites",
+    "seed",
+    "final_accuracy",
+    "average_incremental_accuracy",
+    "forgetting",
+    "bwt",
+    "wall_seconds",
+]
+
+
+class Recorder:
+    """Accuracy matrix R (tasks x tasks, %) and metric rows of one run."""
+
+    def __init__(self, cfg: Config, tasks: list[list[int]], class_names: list[str]):
+        self.cfg = cfg
+        self.tasks = tasks
+        self.class_names = class_names
+        self.rows: list[dict[str, Any]] = []
+        self.matrix = np.full((len(tasks), len(tasks)), np.nan)
+        self.task_results: list[dict[str, Any]] = []
+        self.started = time.time()
+        self.elapsed_before = 0.0  # wall time of earlier attempts of a resumed run
+
+    def add_row(self, **row: Any) -> None:
+        self.rows.append(row)
+
+    def add_task(self, task: int, result: dict[str, Any]) -> None:
+        """The test evaluation after `task` (from `experiment.evaluate`)."""
+        self.matrix[task, : task + 1] = result["per_task"]
+        self.task_results.append({"task": task, **result})
+        self.add_row(
+            task=task,
+            round=-1,
+            split="test",
+            classes_seen=sum(len(t) for t in self.tasks[: task + 1]),
+            accuracy=result["accuracy"],
+            old_accuracy=result["old_accuracy"],
+            new_accuracy=result["new_accuracy"],
+            accuracy_mean_over_tasks=float(np.nanmean(result["per_task"])),
+        )
+
+    def summary(self) -> dict[str, Any]:
+        done = len(self.task_results)
+        r = self.matrix[:done, :done]
+        scores = metrics.summarize(r) if done else {}
+        seen = np.cumsum([len(t) for t in self.tasks]).tolist()
+        return {
+            "method": self.cfg.method,
+            "dataset": self.cfg.dataset,
+            "sites": self.cfg.sites,
+            "seed": self.cfg.seed,
+            "tasks_completed": done,
+            "final_accuracy": scores.get("final_accuracy", math.nan),
+            "average_incremental_accuracy": scores.get(
+                "average_incremental_accuracy", math.nan
+            ),
+            "forgetting": scores.get("forgetting", math.nan),
+            "bwt": scores.get("backward_transfer", math.nan),
+            "accuracy_after_task": metrics.accuracy_after_tasks(r).tolist()
+            if done
+            else [],
+            "accuracy_all_classes": [t["accuracy"] for t in self.task_results],
+            "old_accuracy": [t["old_accuracy"] for t in self.task_results],
+            "new_accuracy": [t["new_accuracy"] for t in self.task_results],
+            "accuracy_matrix": self.matrix.tolist(),
+            "classes_per_task": [len(t) for t in self.tasks],
+            "classes_seen": seen,
+            "class_names": self.class_names,
+            "wall_seconds": self.elapsed_before + time.time() - self.started,
+            "config": self.cfg.to_flat(),
+        }
+
+    def write(self, out: str | Path) -> dict[str, Any]:
+        """Write every output file (each atomically) and return the summary."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        summary = self.summary()
+        write_metrics(self.rows, out / "metrics.parquet")
+        write_json(summary, out / "summary.json")
+        done = summary["tasks_completed"]
+        if done:
+            label = (
+                f"{self.cfg.method} ({self.cfg.sites} site{'s' * (self.cfg.sites > 1)})"
+            )
+            plot_accuracy(
+                {
+                    label: (
+                        summary["classes_seen"][:done],
+                        summary["accuracy_after_task"],
+                    )
+                },
+                out / "accuracy.png",
+                title=f"{self.cfg.dataset}: accuracy against classes seen",
+            )
+            plot_matrix(self.matrix, out / "accuracy_matrix.png")
+        return summary
+
+    def table(self) -> str:
+        return format_table([self.summary()], SUMMARY_COLUMNS)

@@ -1,0 +1,142 @@
+"""The one local training loop every method runs inside.
+
+It owns the optimiser (SGD), the epochs and their learning-rate schedule, the device
+and bf16 autocast on CUDA; methods supply hooks and loss terms (fl_ci/methods/base.py).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from fl_ci.data.base import batches
+from fl_ci.methods.base import Batch, Method, SiteContext
+from fl_ci.models import IncrementalNet
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the message says where."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` takes CUDA when present; `cuda` without a GPU is an error, not a fallback."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            "config key 'device' is 'cuda' but no CUDA device is present"
+        )
+    return torch.device(name)
+
+
+def lr_at(cfg, epoch: int, total_epochs: int) -> float:
+    """Cosine decay over a task's epochs (all rounds together), or constant."""
+    if cfg.lr_schedule == "constant" or total_epochs <= 1:
+        return cfg.lr
+    return 0.5 * cfg.lr * (1 + math.cos(math.pi * epoch / total_epochs))
+
+
+def train_round(
+    model: IncrementalNet, method: Method, ctx: SiteContext
+) -> dict[str, Any]:
+    """Run `local_epochs` of `method` on the site's data; returns round metrics.
+
+    The epoch counter continues across the task's rounds so the learning-rate schedule
+    spans the whole task, as in a centralized run.
+    """
+    cfg = ctx.cfg
+    device = ctx.device
+    model.to(device).train()
+    if ctx.teacher is not None:
+        ctx.teacher.to(device).eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(
+        params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+    generator = torch.Generator().manual_seed(
+        cfg.seed * 1_000_003 + ctx.task * 1009 + ctx.round * 101 + ctx.site * 7
+    )
+    share = method.extra_share(ctx)
+    real_bs = max(1, round(cfg.batch_size * (1 - share)))
+    extra_bs = cfg.batch_size - real_bs if share > 0 else 0
+    pad = (ctx.data.size // 8) if cfg.augment else 0  # 4 px at 32 px, as in ABD
+    amp = device.type == "cuda" and cfg.amp
+    total_epochs = cfg.rounds_per_task * cfg.local_epochs
+    sums: dict[str, torch.Tensor] = {}
+    steps = 0
+    seen = 0
+    start = time.perf_counter()
+    n_real = len(ctx.data)
+    steps_per_epoch = math.ceil(n_real / real_bs) if n_real else 0
+    bar = tqdm(
+        total=cfg.local_epochs * steps_per_epoch,
+        desc=f"task {ctx.task} round {ctx.round}",
+        disable=not ctx.progress,
+        leave=False,
+    )
+    for e in range(cfg.local_epochs):
+        epoch = ctx.round * cfg.local_epochs + e
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(cfg, epoch, total_epochs)
+        method.begin_epoch(ctx)
+        for x, y in batches(
+            ctx.data,
+            real_bs,
+            train=True,
+            device=device,
+            generator=generator,
+            pad=pad,
+            flip=cfg.augment and ctx.cfg.dataset == "cifar100",
+        ):
+            extra = torch.zeros(len(y), dtype=torch.bool, device=device)
+            if extra_bs:
+                ex, ey = method.extra_batch(extra_bs, generator)
+                x = torch.cat([x, ex.to(device)])
+                y = torch.cat([y, ey.to(device)])
+                ones = torch.ones(len(ey), dtype=torch.bool, device=device)
+                extra = torch.cat([extra, ones])
+            batch = Batch(x, y, extra)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                out = model.forward_all(x)
+                teacher_out = None
+                if method.needs_teacher and ctx.teacher is not None:
+                    with torch.no_grad():
+                        teacher_out = ctx.teacher.forward_all(x)
+                loss, terms = method.loss(model, batch, out, teacher_out, ctx)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0) + v.float()
+            sums["loss"] = sums.get("loss", 0) + loss.detach().float()
+            steps += 1
+            seen += len(y)
+            if steps % 20 == 0 or steps == 1:
+                # one host sync every 20 steps, not every step
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise TrainingError(
+                        f"{method.name}: non-finite loss at task {ctx.task}, "
+                        f"round {ctx.round}, epoch {epoch}, step {steps}"
+                    )
+                bar.set_postfix(loss=f"{value:.3f}")
+            bar.update(1)
+    bar.close()
+    metrics: dict[str, Any] = {
+        f"train_{k}": float(v) / max(steps, 1) for k, v in sums.items()
+    }
+    if steps and not math.isfinite(metrics["train_loss"]):
+        raise TrainingError(
+            f"{method.name}: non-finite loss at task {ctx.task}, round {ctx.round}"
+        )
+    metrics.update(
+        train_steps=steps,
+        train_images=seen,
+        train_seconds=time.perf_counter() - start,
+        num_examples=n_real,
+    )
+    return metrics
