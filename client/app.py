@@ -25,7 +25,6 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
-from fl_ci.config import Config
 from fl_ci.data.base import DataError
 from fl_ci.experiment import Experiment, site_class_means, site_round
 from fl_ci.methods import SiteStore
