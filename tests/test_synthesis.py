@@ -1,0 +1,360 @@
+"""Class means, BN-statistics matching and Class Impression synthesis."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fl_ci.config import SynthesisConfig
+from fl_ci.data.base import ImageData
+from fl_ci.synthesis import (
+    BNStatsRecorder,
+    ClassMeans,
+    MissingMeanError,
+    SynthesisError,
+    bn_matching_loss,
+    image_l2,
+    lr_at,
+    synthesize,
+    total_variation,
+)
+
+SHAPE = (3, 8, 8)
+LOW, HIGH = torch.full((3,), -2.0), torch.full((3,), 2.0)
+
+
+def conv_bn_net(classes: int = 3) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, classes),
+    )
+
+
+def bright_channel_batch(n: int, generator: torch.Generator):
+    """Class k = channel k brighter by 2: random but separable."""
+    y = torch.randint(0, 3, (n,), generator=generator)
+    x = torch.randn(n, *SHAPE, generator=generator)
+    return x + 2 * F.one_hot(y, 3).float()[:, :, None, None], y
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny tensors: a second OpenMP thread only adds spin-waiting, badly so under load.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def teacher(one_thread) -> nn.Module:
+    torch.manual_seed(0)
+    net = conv_bn_net()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(30):  # non-trivial running statistics and a usable classifier
+        x, y = bright_channel_batch(32, g)
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+    return net.eval()
+
+
+def cfg(**changes) -> SynthesisConfig:
+    base = dict(iterations=20, per_class=4, lr=0.1, warmup=5, init="random")
+    return SynthesisConfig(**{**base, **changes})
+
+
+def run(net, classes=(0, 1, 2), config=None, **kwargs):
+    kwargs = {"image_shape": SHAPE, "bounds": (LOW, HIGH), "seed": 0, **kwargs}
+    return synthesize(net, list(classes), config or cfg(), progress=False, **kwargs)
+
+
+# ----- class means ------------------------------------------------------------------
+
+
+def cines(values: list[list[int]], labels: list[int]) -> ImageData:
+    """One-pixel grayscale cines, a value per frame; normalised v/255 -> 2v - 1."""
+    frames = torch.tensor(values, dtype=torch.uint8).view(len(values), -1, 1, 1, 1)
+    n = len(values)
+    ids = torch.arange(n)
+    return ImageData(frames, torch.tensor(labels), ids, ids, (0.5,), (0.5,))
+
+
+def test_class_mean_averages_all_frames_of_each_cine_normalised():
+    # class 0: cine frames (0, 255) -> (-1, 1) -> 0; cine (51, 51) -> -0.6; mean -0.3
+    # class 1: cine (255, 255) -> 1
+    data = cines([[0, 255], [51, 51], [255, 255]], [0, 0, 1])
+    means = ClassMeans.from_data(data)
+    assert means.counts.tolist() == [2, 1]
+    assert torch.allclose(means.means().flatten(), torch.tensor([-0.3, 1.0]))
+
+
+def test_class_mean_from_data_keeps_only_requested_classes():
+    data = cines([[0, 255], [51, 51], [255, 255]], [0, 0, 1])
+    assert ClassMeans.from_data(data, classes=[1]).counts.tolist() == [0, 1]
+
+
+def one_pixel(values: list[float], counts: list[int]) -> ClassMeans:
+    """ClassMeans of 1x1x1 images with the given per-class means and counts."""
+    c = torch.tensor(counts, dtype=torch.int64)
+    sums = torch.tensor(values, dtype=torch.float64) * c
+    return ClassMeans(sums.view(-1, 1, 1, 1), c)
+
+
+def test_merge_is_count_weighted_and_grows_classes():
+    # class 0: (1 * 1 + 3 * 4) / 4 = 3.25; class 1 only at site b
+    merged = one_pixel([1.0], [1]).merge(one_pixel([4.0, 7.0], [3, 2]))
+    assert merged.counts.tolist() == [4, 2]
+    assert torch.allclose(merged.means().flatten(), torch.tensor([3.25, 7.0]))
+
+
+def test_sum_of_sites_equals_merge():
+    a, b = one_pixel([1.0], [1]), one_pixel([4.0, 7.0], [3, 2])
+    assert torch.equal(sum([a, b]).sums, (a + b).sums)
+
+
+def test_means_of_class_without_images_raises_naming_it():
+    means = one_pixel([1.0, 0.0, 2.0], [3, 0, 1])
+    with pytest.raises(MissingMeanError, match="class 1"):
+        means.means([0, 1])
+
+
+def test_available_and_restricted_apply_the_privacy_floor():
+    means = one_pixel([1.0, 2.0, 0.0], [5, 2, 0])
+    assert means.available() == [0, 1]
+    assert means.available(3) == [0]
+    kept = means.restricted(3)
+    assert kept.counts.tolist() == [5, 0, 0]
+    assert kept.sums.flatten().tolist() == [5.0, 0.0, 0.0]
+
+
+def test_noise_moves_each_shared_mean_by_std_and_leaves_absent_classes():
+    counts = torch.tensor([4, 0])
+    means = ClassMeans(torch.zeros(2, 1, 60, 60, dtype=torch.float64), counts)
+    noisy = means.with_noise(0.5, torch.Generator().manual_seed(0))
+    assert noisy.means([0]).std().item() == pytest.approx(0.5, rel=0.05)
+    assert noisy.counts.tolist() == [4, 0] and not noisy.sums[1].any()
+
+
+def test_arrays_round_trip_exactly():
+    means = one_pixel([1.5, -2.0], [3, 7])
+    arrays = means.to_arrays()
+    assert arrays["sums"].dtype == np.float64 and arrays["counts"].dtype == np.int64
+    back = ClassMeans.from_arrays(arrays)
+    assert torch.equal(back.sums, means.sums) and torch.equal(back.counts, means.counts)
+
+
+def test_from_arrays_rejects_lossy_dtypes():
+    arrays = one_pixel([1.5], [3]).to_arrays()
+    with pytest.raises(ValueError, match="float64"):
+        ClassMeans.from_arrays({**arrays, "sums": arrays["sums"].astype(np.float32)})
+
+
+# ----- BN statistics ----------------------------------------------------------------
+
+
+class ShortcutBlock(nn.Module):
+    """conv-BN main path plus a 1x1 conv-BN shortcut, as in a ResNet down-sampling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.short, self.short_bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x)) + self.short_bn(self.short(x))
+
+
+def biased_stats(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return h.mean((0, 2, 3)), ((h - h.mean((0, 2, 3), keepdim=True)) ** 2).mean(
+        (0, 2, 3)
+    )
+
+
+def test_recorder_captures_input_statistics_of_every_bn_including_shortcut():
+    torch.manual_seed(0)
+    block, x = ShortcutBlock().eval(), torch.randn(5, 3, 6, 6)
+    with BNStatsRecorder(block) as bn, torch.no_grad():
+        block(x)
+        recorded = bn.batch_stats()
+    with torch.no_grad():
+        expected = [biased_stats(block.conv(x)), biased_stats(block.short(x))]
+    assert len(recorded) == 2
+    for (mean, var), (mean_ref, var_ref) in zip(recorded, expected, strict=True):
+        assert torch.allclose(mean, mean_ref, atol=1e-6)
+        assert torch.allclose(var, var_ref, atol=1e-6)
+
+
+def test_recorder_removes_its_hooks_on_exit():
+    block = ShortcutBlock()
+    with BNStatsRecorder(block):
+        assert len(block.bn._forward_hooks) == 1
+    assert len(block.bn._forward_hooks) == 0 and len(block.short_bn._forward_hooks) == 0
+
+
+def test_bn_matching_loss_hand_value():
+    # layer 0 (r_1 = 10): ‖[1,2] − [1,0]‖ + ‖[3,4] − 0‖ = 2 + 5 -> 70
+    # layer 1 (r = 1):    ‖[3] − [0]‖ + ‖[1] − [1]‖ = 3
+    batch = [(torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0]))]
+    batch += [(torch.tensor([3.0]), torch.tensor([1.0]))]
+    running = [(torch.tensor([1.0, 0.0]), torch.zeros(2))]
+    running += [(torch.tensor([0.0]), torch.tensor([1.0]))]
+    assert bn_matching_loss(batch, running, first_bn_weight=10.0).item() == 73.0
+
+
+def test_recorder_rejects_model_without_batchnorm():
+    with pytest.raises(ValueError, match="BatchNorm2d"):
+        BNStatsRecorder(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))
+
+
+# ----- image priors and schedule ----------------------------------------------------
+
+
+def test_total_variation_of_2x2_image():
+    # [[0, 1], [2, 3]]: horizontal (-1, -1) -> √2; vertical (-2, -2) -> 2√2;
+    # diagonal 0 - 3 -> 3; anti-diagonal 2 - 1 -> 1; total 3√2 + 4
+    x = torch.tensor([[[[0.0, 1.0], [2.0, 3.0]]]])
+    assert total_variation(x).item() == pytest.approx(3 * math.sqrt(2) + 4)
+
+
+def test_total_variation_is_a_per_image_mean():
+    # a flat second image has TV 0: the batch mean halves the first image's value
+    x = torch.tensor([[[[0.0, 1.0], [2.0, 3.0]]], [[[5.0, 5.0], [5.0, 5.0]]]])
+    assert total_variation(x).item() == pytest.approx((3 * math.sqrt(2) + 4) / 2)
+
+
+def test_image_l2_is_mean_of_per_image_norms():
+    # ‖(3, 4)‖ = 5 and ‖0‖ = 0 -> 2.5
+    x = torch.tensor([[[[3.0, 4.0]]], [[[0.0, 0.0]]]])
+    assert image_l2(x).item() == pytest.approx(2.5)
+
+
+def test_learning_rate_warms_up_linearly_then_decays_by_cosine():
+    c = SynthesisConfig(lr=1.0, warmup=4, iterations=14)
+    # warm-up (t+1)/4; then 0.5 (1 + cos(π (t − 4) / 10))
+    assert [lr_at(t, c) for t in (0, 3, 4, 9)] == pytest.approx([0.25, 1, 1, 0.5])
+    assert lr_at(13, c) == pytest.approx(0.5 * (1 + math.cos(0.9 * math.pi)))
+
+
+# ----- synthesis --------------------------------------------------------------------
+
+
+def test_images_stay_within_each_channels_bounds(teacher):
+    low, high = torch.tensor([-0.5, -1.0, 0.0]), torch.tensor([0.5, 0.2, 1.5])
+    images, _, _ = run(teacher, config=cfg(lr=1.0), bounds=(low, high))
+    per_channel = images.transpose(0, 1).flatten(1)  # [C, N*H*W]
+    assert (per_channel.min(1).values >= low).all()
+    assert (per_channel.max(1).values <= high).all()
+
+
+def test_labels_are_balanced_per_class(teacher):
+    _, labels, _ = run(teacher, classes=(0, 2), config=cfg(per_class=5, iterations=2))
+    assert torch.bincount(labels, minlength=3).tolist() == [5, 0, 5]
+
+
+def test_chunks_are_balanced_and_cover_all_images(teacher):
+    config = cfg(per_class=5, batch_size=4, iterations=2)
+    images, labels, report = run(teacher, config=config)
+    assert report.chunks == 4 and images.shape == (15, *SHAPE)  # 4 + 4 + 4 + 3
+    for chunk in labels.split(4):
+        counts = torch.bincount(chunk, minlength=3)
+        assert counts.max() - counts.min() <= 1
+
+
+def test_mean_init_without_noise_starts_at_the_class_means(teacher):
+    means = torch.stack([torch.full(SHAPE, v) for v in (-1.0, 0.0, 1.0)])  # class k
+    config = cfg(init="mean", init_noise=0.0, iterations=1)
+    images, labels, _ = run(teacher, config=config, means=means)
+    assert torch.equal(images, means[labels])  # the only iterate scored is the init
+
+
+def test_mean_init_noise_has_the_configured_std(teacher):
+    means = torch.stack([torch.full(SHAPE, v) for v in (-1.0, 0.0, 1.0)])
+    config = cfg(init="mean", init_noise=0.1, iterations=1, per_class=10)
+    images, labels, _ = run(teacher, config=config, means=means)
+    assert (images - means[labels]).std().item() == pytest.approx(0.1, rel=0.1)
+
+
+def test_mean_init_accepts_class_means_indexed_by_class_id(teacher):
+    # four classes with means 0, 0.5, 1, 1.5; synthesise classes 0 and 2 only
+    sums = 0.5 * torch.arange(4, dtype=torch.float64).view(4, 1, 1, 1)
+    means = ClassMeans(sums.expand(4, *SHAPE).clone(), torch.ones(4, dtype=torch.int64))
+    config = cfg(init="mean", init_noise=0.0, iterations=1, per_class=1)
+    images, labels, _ = run(teacher, classes=(0, 2), config=config, means=means)
+    assert labels.tolist() == [0, 2]
+    assert images.mean((1, 2, 3)).tolist() == [0.0, 1.0]
+
+
+def test_optimisation_lowers_teacher_cross_entropy(teacher):
+    config = cfg(bn_weight=0.01, tv_weight=0.0, l2_weight=0.0, iterations=40)
+    init, labels, _ = run(teacher, config=cfg(iterations=1))  # same seed: same init
+    images, labels_after, report = run(teacher, config=config)
+    with torch.no_grad():
+        ce_init = F.cross_entropy(teacher(init), labels).item()
+        ce_after = F.cross_entropy(teacher(images), labels_after).item()
+    assert ce_after < 0.5 * ce_init
+    assert report.final["total"] < report.initial["total"]
+
+
+def test_same_seed_gives_same_images_and_other_seed_differs(teacher):
+    a, _, _ = run(teacher, seed=3)
+    b, _, _ = run(teacher, seed=3)
+    c, _, _ = run(teacher, seed=4)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_teacher_is_left_as_it_was():
+    torch.manual_seed(0)
+    net = conv_bn_net().train()
+    net[0].weight.requires_grad_(False)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    run(net)
+    assert net.training and all(m.training for m in net.modules())
+    assert not net[0].weight.requires_grad and net[0].bias.requires_grad
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_model_without_batchnorm_is_refused():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(3))
+    with pytest.raises(ValueError, match="BatchNorm2d"):
+        run(net)
+
+
+def test_missing_class_mean_is_named(teacher):
+    means = ClassMeans(
+        torch.zeros(3, *SHAPE, dtype=torch.float64), torch.tensor([2, 0, 2])
+    )
+    with pytest.raises(MissingMeanError, match="class 1"):
+        run(teacher, config=cfg(init="mean"), means=means)
+
+
+def test_non_finite_mean_row_is_named(teacher):
+    means = torch.zeros(3, *SHAPE)
+    means[2] = math.nan
+    with pytest.raises(MissingMeanError, match="class 2"):
+        run(teacher, config=cfg(init="mean"), means=means)
+
+
+def test_mean_init_without_means_is_refused(teacher):
+    with pytest.raises(MissingMeanError, match="needs class means"):
+        run(teacher, config=cfg(init="mean"))
+
+
+def test_non_finite_loss_stops_with_an_error():
+    net = conv_bn_net().eval()
+    with torch.no_grad():
+        net[-1].weight.fill_(math.nan)
+    with pytest.raises(SynthesisError, match="non-finite"):
+        run(net, config=cfg(iterations=3))
