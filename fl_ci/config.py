@@ -97,6 +97,32 @@ class FederationConfig:
 
 
 @dataclass(frozen=True)
+class BaselinesConfig:
+    """Knobs of the baseline methods (fl_ci/methods/: lwf, lwm, deepinversion, abd,
+    icarl, lucir). Defaults follow each paper's CIFAR setting unless noted."""
+
+    kd_temperature: float = 2.0  # T of Hinton KD (lwf, lwm, deepinversion, icarl)
+    kd_weight: float = 1.0  # weight of the KD term (lwf, lwm, deepinversion, icarl)
+    lwm_weight: float = 1.0  # gamma of LwM's attention distillation
+    synthetic_ratio: float = 0.5  # synthetic share of a batch (deepinversion, abd)
+    memory: int = 2000  # exemplar budget at one site, all classes (icarl, lucir)
+    lucir_lambda: float = 5.0  # lambda_base: less-forget weight x sqrt(n_old/n_new)
+    lucir_margin: float = 0.5  # m of the margin ranking loss
+    lucir_k: int = 2  # K hardest new classes in the margin ranking loss
+    lucir_margin_weight: float = 1.0
+    abd_iterations: int = 10000  # generator steps per task (ABD's power_iters)
+    abd_batch_size: int = 128  # images per generator step
+    abd_lr: float = 1e-3  # Adam learning rate of the generator
+    abd_z_dim: int = 1000
+    abd_width: int = 128  # channels of the generator's convolutions
+    abd_bn_weight: float = 50.0  # BN-statistics (Gaussian KL) weight
+    abd_smooth_weight: float = 1e-3  # image prior: MSE to a Gaussian-blurred copy
+    abd_content_temperature: float = 1000.0  # CE on the teacher's argmax, over T
+    abd_content_weight: float = 1.0
+    abd_kd_weight: float = 0.1  # mu: importance-weighted feature distillation
+
+
+@dataclass(frozen=True)
 class Config:
     method: str = "finetune"
     dataset: str = "echo-synth"  # cifar100 | echo | echo-synth
@@ -124,6 +150,7 @@ class Config:
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
     ci: ClassImpressionConfig = field(default_factory=ClassImpressionConfig)
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
 
     # ----- construction -------------------------------------------------------------
@@ -199,7 +226,10 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 _POSITIVE = {
     "tasks", "sites", "rounds_per_task", "batch_size", "eval_batch_size",
     "synthesis.per_class", "data.devices", "data.patients", "data.frames",
-    "data.cines_per_view", "synthesis.iterations",
+    "data.cines_per_view", "synthesis.iterations", "baselines.kd_temperature",
+    "baselines.lucir_k", "baselines.abd_iterations", "baselines.abd_batch_size",
+    "baselines.abd_lr", "baselines.abd_z_dim", "baselines.abd_width",
+    "baselines.abd_content_temperature",
 }  # fmt: skip
 _NON_NEGATIVE = {
     "local_epochs", "init_classes", "lr", "weight_decay", "momentum",
@@ -207,13 +237,18 @@ _NON_NEGATIVE = {
     "synthesis.warmup", "synthesis.init_noise", "synthesis.jitter",
     "synthesis.min_mean_count", "synthesis.mean_noise_std", "ci.margin_weight",
     "ci.contrastive_weight", "ci.top_k", "num_workers", "federation.min_sites",
-    "partition.min_per_site",
+    "partition.min_per_site", "baselines.kd_weight", "baselines.lwm_weight",
+    "baselines.memory", "baselines.lucir_lambda", "baselines.lucir_margin",
+    "baselines.lucir_margin_weight", "baselines.abd_bn_weight",
+    "baselines.abd_smooth_weight", "baselines.abd_content_weight",
+    "baselines.abd_kd_weight",
 }  # fmt: skip
 _UNIT = {
     "data.val_fraction",
     "ci.synthetic_ratio",
     "ci.rho",
     "federation.fraction_train",
+    "baselines.synthetic_ratio",
 }
 
 

@@ -250,12 +250,12 @@ def _draw_anatomy(
     # off-axis cuts: a chamber the plane only grazes looks small (a foreshortened RV
     # makes an A4C look like an A2C, a missed outflow tract an A3C like an A2C)
     # (chambers 1-4 only: the sonographer always centres the LV)
-    grazed = torch.rand(b, 6, generator=gen) < 0.3
+    grazed = torch.rand(b, 6, generator=gen) < 0.25
     grazed[:, 0] = grazed[:, 5] = False
     cut = torch.where(grazed, per_cine(0.3, 0.7, 6), torch.ones(b, 6))
     q["size_a"], q["size_b"] = q["size_a"] * cut, q["size_b"] * cut
     # poor acoustic windows: walls fade into the tissue and blood fills with haze
-    window = per_cine(0.35, 1.0)
+    window = per_cine(0.45, 1.0)
     tissue = q["tissue_echo"]
     q["wall_echo"] = tissue + (q["wall_echo"] - tissue) * window
     q["blood_echo"] = q["blood_echo"] + 0.6 * (tissue - q["blood_echo"]) * (1 - window)
@@ -375,7 +375,7 @@ def _render(
     for v, name in enumerate(ECHO_VIEWS):
         # small chunks keep the per-layer temporaries in cache, which matters more
         # than vectorising wider on a memory-bound CPU
-        for idx in (view == v).nonzero()[:, 0].split(16):
+        for idx in (view == v).nonzero()[:, 0].split(64):
             img = _paint(layers[name], {k: t[idx] for k, t in q.items()}, c[idx], res)
             chunk = {k: t[idx] for k, t in acq.items()}
             out[idx] = _acquire(img, chunk, dev, image_size)

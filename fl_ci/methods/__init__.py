@@ -9,9 +9,27 @@ from fl_ci.methods.finetune import FineTune
 
 def registry() -> dict[str, type[Method]]:
     """Every method by its config name (`method = "..."`)."""
+    from fl_ci.methods.abd import AlwaysBeDreaming
     from fl_ci.methods.class_impression import ClassImpression
+    from fl_ci.methods.deepinversion import DeepInversion
+    from fl_ci.methods.icarl import ICaRL
+    from fl_ci.methods.joint import Joint
+    from fl_ci.methods.lucir import LUCIR
+    from fl_ci.methods.lwf import LwF
+    from fl_ci.methods.lwm import LwM
 
-    return {m.name: m for m in (FineTune, ClassImpression)}
+    methods = (
+        FineTune,
+        ClassImpression,
+        Joint,
+        LwF,
+        LwM,
+        DeepInversion,
+        AlwaysBeDreaming,
+        ICaRL,
+        LUCIR,
+    )
+    return {m.name: m for m in methods}
 
 
 def build_method(cfg: Config) -> Method:

@@ -1,0 +1,201 @@
+"""Every registered method through two tiny tasks of the procedural echo data, plus
+the baselines' own pieces: exemplar budget and replay, ABD's cached generator, LwM's
+attention maps."""
+
+import copy
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from fl_ci.config import Config, ConfigError
+from fl_ci.experiment import (
+    Experiment,
+    evaluate,
+    grow_for_task,
+    site_class_means,
+    site_round,
+)
+from fl_ci.methods import SiteStore, build_method, registry
+from fl_ci.methods.icarl import herding
+from fl_ci.methods.lwm import attention_distillation, grad_cam
+from fl_ci.models import build_model
+
+MEMORY = 10  # exemplar budget: 3 per class after task 0, 2 per class after task 1
+EXEMPLAR_METHODS = ("icarl", "lucir")
+
+
+def tiny_config(method: str) -> Config:
+    # No augmentation and lr 0.05: the tiny model fits its first task in 8 epochs.
+    return Config.from_dict(
+        {
+            "dataset": "echo-synth",
+            "tasks": 2,
+            "init_classes": 3,
+            "method": method,
+            "local_epochs": 8,
+            "lr": 0.05,
+            "augment": False,
+            "batch_size": 16,
+            "device": "cpu",
+            "data": {"patients": 10, "devices": 2, "image_size": 32, "frames": 2},
+            "synthesis": {"iterations": 5, "per_class": 4},
+            "baselines": {
+                "memory": MEMORY,
+                "abd_iterations": 5,
+                "abd_batch_size": 16,
+                "abd_z_dim": 32,
+                "abd_width": 16,
+            },
+        }
+    )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny tensors: a second OpenMP thread only adds spin-waiting, badly so under load.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def experiment(one_thread) -> Experiment:
+    return Experiment.from_config(tiny_config("finetune"))
+
+
+def run_two_tasks(exp: Experiment, store: SiteStore) -> dict:
+    """The loop of simulations.local.run_local at one site, one round per task."""
+    torch.manual_seed(0)
+    model = exp.build_model()
+    teacher, means, tasks = None, None, []
+    for task, classes in enumerate(exp.tasks):
+        if task > 0:
+            teacher = copy.deepcopy(model).eval()
+            model = grow_for_task(model, len(classes))
+        old_means = means.means(list(range(classes[0]))) if task else None
+        model, metrics = site_round(
+            exp,
+            model,
+            teacher,
+            task=task,
+            round=0,
+            site=0,
+            class_means=old_means,
+            store=store,
+            progress=False,
+        )
+        site_means = site_class_means(exp, task, 0)
+        means = site_means if means is None else means + site_means
+        memory = store.get(f"{exp.cfg.method}-exemplars")
+        per_task = evaluate(exp, model, task, "train")["per_task"]  # % per task
+        tasks.append(
+            {
+                "metrics": metrics,
+                "first_task_accuracy": per_task[0],
+                "exemplar_labels": None if memory is None else memory["labels"],
+            }
+        )
+    return {"tasks": tasks, "model": model, "teacher": teacher, "means": old_means}
+
+
+@pytest.fixture(scope="module")
+def runs(experiment, tmp_path_factory):
+    """Run each method once, on first use, with a store on disk; cached per module."""
+    cache: dict[str, dict] = {}
+
+    def get(name: str) -> dict:
+        if name not in cache:
+            exp = dataclasses.replace(
+                experiment, cfg=experiment.cfg.replace(method=name)
+            )
+            store = SiteStore(tmp_path_factory.mktemp(name))
+            cache[name] = {"exp": exp, "store": store, **run_two_tasks(exp, store)}
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", sorted(registry()))
+def test_method_learns_first_task_above_chance(runs, name):
+    accuracy = runs(name)["tasks"][0]["first_task_accuracy"]  # % on 3 classes
+    assert accuracy > 50.0, f"{name}: {accuracy:.1f}% on the first task (chance 33%)"
+
+
+@pytest.mark.parametrize("name", sorted(registry()))
+def test_method_losses_are_finite(runs, name):
+    for task in runs(name)["tasks"]:
+        metrics = task["metrics"]
+        assert metrics["train_steps"] > 0
+        losses = {k: v for k, v in metrics.items() if k.startswith("train_")}
+        assert all(math.isfinite(v) for v in losses.values()), losses
+
+
+@pytest.mark.parametrize("name", EXEMPLAR_METHODS)
+def test_exemplars_never_exceed_the_budget(runs, name):
+    for task, seen in zip(runs(name)["tasks"], (3, 5), strict=True):
+        labels = task["exemplar_labels"]
+        assert 0 < len(labels) <= MEMORY
+        assert labels.bincount().max() <= MEMORY // seen
+
+
+@pytest.mark.parametrize("name", EXEMPLAR_METHODS)
+def test_exemplars_are_replayed_from_the_store(runs, name):
+    # a fresh method object per round: replayed rows can only come from the store
+    metrics = runs(name)["tasks"][1]["metrics"]
+    epochs = runs(name)["exp"].cfg.local_epochs
+    assert metrics["train_images"] > epochs * metrics["num_examples"]
+
+
+def test_herding_picks_distinct_rows_nearest_the_mean_first():
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(20, 8, generator=g)
+    order = herding(feats, 5)
+    unit = torch.nn.functional.normalize(feats, dim=1)
+    nearest = (unit - unit.mean(0)).norm(dim=1).argmin()
+    assert len(set(order.tolist())) == 5 and order[0] == nearest
+
+
+def test_abd_reuses_its_cached_generator_after_a_restart(runs):
+    run = runs("abd")
+    (path,) = run["store"].root.glob("abd-generator-task1-*.pt")
+    stamp = path.stat().st_mtime_ns
+    site_round(
+        run["exp"],
+        copy.deepcopy(run["model"]),
+        run["teacher"],
+        task=1,
+        round=1,
+        site=0,
+        store=SiteStore(run["store"].root),  # a restarted site: same folder only
+        progress=False,
+    )
+    assert path.stat().st_mtime_ns == stamp
+
+
+def test_grad_cam_has_the_feature_map_shape_and_is_differentiable():
+    torch.manual_seed(0)
+    model = build_model("echo_net", num_classes=3, in_channels=1)
+    out = model.forward_all(torch.randn(4, 1, 32, 32))
+    cam = grad_cam(out.fmap, out.logits, torch.tensor([0, 1, 2, 0]), create_graph=True)
+    assert cam.shape == (4, *out.fmap.shape[2:])
+    attention_distillation(cam, torch.rand_like(cam)).backward()
+    # the head reaches the map only through the Grad-CAM weights (create_graph)
+    assert model.head.new_weight.grad is not None
+    assert model.head.new_weight.grad.abs().sum() > 0
+
+
+def test_lwm_trains_with_the_attention_term(runs):
+    assert runs("lwm")["tasks"][1]["metrics"]["train_attention"] > 0
+
+
+def test_only_joint_icarl_lucir_keep_real_old_data():
+    keep = {name for name, method in registry().items() if not method.data_free}
+    assert keep == {"joint", "icarl", "lucir"}
+
+
+def test_lucir_refuses_a_linear_head():
+    with pytest.raises(ConfigError, match="head"):
+        build_method(tiny_config("lucir").replace(head="linear"))
