@@ -128,6 +128,9 @@ class Config:
     dataset: str = "echo-synth"  # cifar100 | echo | echo-synth
     model: str = "auto"  # auto | resnet32 | resnet18 | echo_net
     head: str = "cosine"  # cosine | linear
+    # start of the cosine head's learnable scale eta (upstream 1.0; at 1.0 the logits
+    # span only [-1, 1] and small studies barely train at lr 0.01: docs/results.md)
+    head_scale: float = 10.0
     tasks: int = 4
     init_classes: int = 0  # classes in the first task (0: equal split)
     class_order: str = "natural"  # natural | abd | target
@@ -224,7 +227,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "federation.strategy": ("fedavg", "median", "trimmed_mean", "krum"),
 }
 _POSITIVE = {
-    "tasks", "sites", "rounds_per_task", "batch_size", "eval_batch_size",
+    "head_scale", "tasks", "sites", "rounds_per_task", "batch_size", "eval_batch_size",
     "synthesis.per_class", "data.devices", "data.patients", "data.frames",
     "data.cines_per_view", "synthesis.iterations", "baselines.kd_temperature",
     "baselines.lucir_k", "baselines.abd_iterations", "baselines.abd_batch_size",

@@ -82,12 +82,16 @@ class Experiment:
     def build_model(self) -> IncrementalNet:
         """The model at task 0, before any training."""
         cfg = self.cfg
-        return build_model(
-            model_for(cfg.dataset, cfg.model),
-            num_classes=len(self.tasks[0]),
-            in_channels=self.splits.train.channels,
-            head=cfg.head,
-        )
+        # seeded without touching the caller's random state: same seed, same weights
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            return build_model(
+                model_for(cfg.dataset, cfg.model),
+                num_classes=len(self.tasks[0]),
+                in_channels=self.splits.train.channels,
+                head=cfg.head,
+                head_scale=cfg.head_scale,
+            )
 
     # ----- data at a site ------------------------------------------------------------
     def site_data(
@@ -145,10 +149,15 @@ class Experiment:
 
 
 # ----- the server's side -------------------------------------------------------------
-def grow_for_task(model: IncrementalNet, new_classes: int) -> IncrementalNet:
-    """The global model for a new task: the old model plus `new_classes` head rows."""
+def grow_for_task(
+    model: IncrementalNet, new_classes: int, seed: int = 0
+) -> IncrementalNet:
+    """The global model for a new task: the old model plus `new_classes` head rows
+    (initialised from `seed`, so server and single-machine runs agree)."""
     grown = copy.deepcopy(model)
-    grown.grow(new_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        grown.grow(new_classes)
     return grown
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from fl_ci.data.base import batches
+from fl_ci.data.base import augmentation, batches
 from fl_ci.methods.base import Batch, Method, SiteContext
 from fl_ci.models import IncrementalNet
 
@@ -53,9 +53,16 @@ def train_round(
     model.to(device).train()
     if ctx.teacher is not None:
         ctx.teacher.to(device).eval()
-    params = [p for p in model.parameters() if p.requires_grad]
+    decayed, free = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            # weight decay would pull the cosine head's scale towards 0
+            (free if name.endswith("eta") else decayed).append(p)
     optimizer = torch.optim.SGD(
-        params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        [{"params": decayed}, {"params": free, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
     )
     generator = torch.Generator().manual_seed(
         cfg.seed * 1_000_003 + ctx.task * 1009 + ctx.round * 101 + ctx.site * 7
@@ -63,7 +70,7 @@ def train_round(
     share = method.extra_share(ctx)
     real_bs = max(1, round(cfg.batch_size * (1 - share)))
     extra_bs = cfg.batch_size - real_bs if share > 0 else 0
-    pad = (ctx.data.size // 8) if cfg.augment else 0  # 4 px at 32 px, as in ABD
+    pad, flip = augmentation(cfg.dataset, ctx.data.size, cfg.augment)
     amp = device.type == "cuda" and cfg.amp
     total_epochs = cfg.rounds_per_task * cfg.local_epochs
     sums: dict[str, torch.Tensor] = {}
@@ -90,7 +97,7 @@ def train_round(
             device=device,
             generator=generator,
             pad=pad,
-            flip=cfg.augment and ctx.cfg.dataset == "cifar100",
+            flip=flip,
         ):
             extra = torch.zeros(len(y), dtype=torch.bool, device=device)
             if extra_bs:

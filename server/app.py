@@ -88,7 +88,7 @@ def run_server(grid: Grid, cfg: Config, out: Path, progress: bool = True) -> dic
     for task, classes in enumerate(exp.tasks):
         if task > 0:
             teacher = copy.deepcopy(model).eval()
-            model = grow_for_task(model, len(classes))
+            model = grow_for_task(model, len(classes), seed=cfg.seed * 1000 + task)
         for rnd in range(cfg.rounds_per_task):
             server_round = task * cfg.rounds_per_task + rnd + 1
             sent = ArrayRecord(torch_state_dict=model.state_dict())

@@ -94,9 +94,9 @@ def aggregate(results: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     rows = []
     for label, summaries in results.items():
         row: dict[str, Any] = {"method": label, "runs": len(summaries)}
-        for key, title in METRICS:
+        for key, heading in METRICS:
             mean, std = _mean_std([s[key] for s in summaries])
-            row[title] = "n/a" if math.isnan(mean) else f"{mean:.2f} ± {std:.2f}"
+            row[heading] = "n/a" if math.isnan(mean) else f"{mean:.2f} ± {std:.2f}"
         rows.append(row)
     return rows
 
@@ -130,10 +130,15 @@ def table_rows(
 
 
 def _write_text(path: Path, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, then rename it into place."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def compare(
@@ -184,7 +189,7 @@ def compare(
     out.mkdir(parents=True, exist_ok=True)
     write_metrics(rows, out / "comparison.parquet")
     done = {label: s for label, s in results.items() if s}
-    columns = ["method", "runs", *(title for _, title in METRICS)]
+    columns = ["method", "runs", *(heading for _, heading in METRICS)]
     table = format_table(aggregate(done), columns)
     sites = base.sites
     lines = [
@@ -230,9 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     args = parser.parse_args(argv)
-    labels = [m.strip() for m in args.methods.split(",") if m.strip()]
+    labels = list(
+        dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip())
+    )
     try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        seeds = list(dict.fromkeys(int(s) for s in args.seeds.split(",") if s.strip()))
     except ValueError:
         print(f"error: --seeds must be integers, got {args.seeds!r}", file=sys.stderr)
         return 2

@@ -35,7 +35,7 @@ def run_local(cfg: Config, out: str | Path, progress: bool = True) -> dict[str, 
     for task, classes in enumerate(exp.tasks):
         if task > 0:
             teacher = copy.deepcopy(model).eval()
-            model = grow_for_task(model, len(classes))
+            model = grow_for_task(model, len(classes), seed=cfg.seed * 1000 + task)
         old_means = means.means(list(range(classes[0]))) if means and task else None
         for rnd in range(cfg.rounds_per_task):
             model, train_metrics = site_round(

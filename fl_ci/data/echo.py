@@ -27,7 +27,9 @@ from fl_ci.data.base import DataError, ImageData
 ECHO_VIEWS = ("A2C", "A3C", "A4C", "PLAX", "PSAX")
 
 _REQUIRED = ("path", "view", "patient_id")
-_VIDEO_SUFFIXES = {".avi", ".mp4", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"}
+_VIDEO_SUFFIXES = frozenset(
+    {".avi", ".mp4", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"}
+)
 _CACHE_VERSION = "1"  # bump when decoding changes, so stale caches are ignored
 
 
@@ -120,7 +122,9 @@ def _read_manifest(root: Path) -> tuple[Path, list[dict[str, str]], list[str]]:
     raise DataError(f"no manifest.csv or manifest.parquet in {root}")
 
 
-def _check_manifest(manifest: Path, rows: list[dict[str, str]], columns: list[str]):
+def _check_manifest(
+    manifest: Path, rows: list[dict[str, str]], columns: list[str]
+) -> list[_Row]:
     """All rows as `_Row`s, or one DataError listing every bad row."""
     missing = [c for c in _REQUIRED if c not in columns]
     if missing:
@@ -334,7 +338,8 @@ def load_echo_manifest(
     `max_per_class` > 0 keeps the first that many rows of each view. Decoded cines are
     cached in `cache_dir` (default `root/.fl_ci_cache`; "" means the default), keyed by
     file path, size, mtime, `image_size` and `frames`. The whole manifest is checked
-    (columns, views, patient ids, files exist) before anything is decoded.
+    (columns, views, patient ids, files exist) before anything is decoded; errors
+    name the file and the manifest row (counted from 1, header excluded).
     """
     if image_size < 1 or frames < 1 or max_per_class < 0:
         raise ValueError(

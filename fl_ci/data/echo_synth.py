@@ -86,8 +86,7 @@ def _view_layers() -> dict[str, list[tuple[float, ...]]]:
         (4, 5, 0, 0, 0.00, 0.08, 0.66, 0.58, 0),
         (1, 1, 1, 0, -0.14, -0.10, 0.52, 0.30, 25),
         (2, 1, 1, 0, -0.14, -0.10, 0.52, 0.30, 25),
-        (1, 0, 1, 0, 0.06, 0.12, 0.27, 0.27, 0),
-        (1, 0, 1, 0, 0.06, 0.12, 0.27, 0.27, 0),  # twice: PSAX walls look thicker
+        (1, 0, 1, 0, 0.06, 0.12, 0.27, 0.27, 0),  # wider than the cavity: thick walls
         (2, 0, 1, 0, 0.06, 0.12, 0.24, 0.24, 0),
         (5, 0, 1, 0, -0.05, 0.24, 0.06, 0.06, 0),
         (5, 0, 1, 0, 0.18, 0.25, 0.06, 0.06, 0),
@@ -242,14 +241,14 @@ def _draw_anatomy(
         "wall": per_patient(0.06, 0.11),
         "size_a": per_patient(0.88, 1.12, 6) * per_cine(0.85, 1.1, 6),
         "size_b": per_patient(0.88, 1.12, 6) * per_cine(0.85, 1.1, 6),
-        "contract": per_patient(0.12, 0.30),
+        "contract": per_patient(0.2, 0.4),
         "wall_echo": per_patient(0.45, 0.70),
         "tissue_echo": per_patient(0.12, 0.22),
         "blood_echo": per_patient(0.01, 0.06),
     }
     # off-axis cuts: a chamber the plane only grazes looks small (a foreshortened RV
-    # makes an A4C look like an A2C, a missed outflow tract an A3C like an A2C)
-    # (chambers 1-4 only: the sonographer always centres the LV)
+    # makes an A4C look like an A2C, a missed outflow tract an A3C like an A2C); not
+    # the LV, which the sonographer always centres, nor the pericardium
     grazed = torch.rand(b, 6, generator=gen) < 0.25
     grazed[:, 0] = grazed[:, 5] = False
     cut = torch.where(grazed, per_cine(0.3, 0.7, 6), torch.ones(b, 6))
@@ -277,7 +276,7 @@ def _paint(
     n, frames = c.shape
     pivot_x, pivot_y = 0.0, 0.08  # the heart rotates and scales about this point
     coords = (torch.arange(res, dtype=torch.float32) + 0.5) / res * 2 - 1
-    xs = ys = coords.view(1, 1, res)
+    xs, ys = coords.view(1, 1, 1, res), coords.view(1, 1, res, 1)
     img = q["tissue_echo"].view(n, 1, 1, 1).expand(n, frames, res, res).clone()
     shrink = q["contract"][:, None] * c  # [n, F]
     scale, cos_r, sin_r = q["scale"][:, None], q["rot"].cos(), q["rot"].sin()
@@ -309,7 +308,7 @@ def _paint(
         a, b = a * scale, b * scale
         # the valve plane descends towards the apex in systole
         ux = cx0 - pivot_x
-        uy = cy0 - 0.08 * base * shrink - pivot_y
+        uy = cy0 - 0.2 * base * shrink - pivot_y
         ccx = pivot_x + scale * (cos_r[:, None] * ux - sin_r[:, None] * uy)
         ccy = pivot_y + scale * (sin_r[:, None] * ux + cos_r[:, None] * uy)
         ccx, ccy = ccx + q["dx"][:, None], ccy + q["dy"][:, None]
@@ -322,21 +321,14 @@ def _paint(
             2 * ct * st * (ia - ib),
         )
         # the mask is a linear ramp across the boundary: clamp(k + 1/2 - k q^2) with
-        # q^2 = u^2/a^2 + v^2/b^2 = cb py^2 + ca px^2 + cc px py, a rank-3 product of
-        # row (py) and column (px) terms, so one batched matmul makes the whole plane
-        k = torch.minimum(a, b) / (2 * edge)
-        px = xs - ccx[..., None]  # [n, F, R] column offsets
-        py = ys - ccy[..., None]  # [n, F, R] row offsets
-        rows = torch.stack(
-            [
-                k[..., None] * (1 - cb[..., None] * py**2) + 0.5,
-                -k[..., None] * torch.ones_like(py),
-                -(k * cc)[..., None] * py,
-            ],
-            -1,
-        )  # [n, F, R, 3]
-        cols = torch.stack([torch.ones_like(px), ca[..., None] * px**2, px], -2)
-        m = torch.matmul(rows, cols).clamp_(0, 1)  # [n, F, R, R]
+        # q^2 = u^2/a^2 + v^2/b^2 = cb py^2 + ca px^2 + cc px py, a sum of row (py) and
+        # column (px) terms plus one outer product: two full-size operations per layer
+        k = (torch.minimum(a, b) / (2 * edge))[..., None, None]
+        px = xs - ccx[..., None, None]  # [n, F, 1, R] column offsets
+        py = ys - ccy[..., None, None]  # [n, F, R, 1] row offsets
+        row = k * (1 - cb[..., None, None] * py**2) + 0.5  # [n, F, R, 1]
+        col = -k * ca[..., None, None] * px**2  # [n, F, 1, R]
+        m = torch.addcmul(row + col, -k * cc[..., None, None] * py, px).clamp_(0, 1)
         if motion == 3:  # AV valves show when closed (systole)
             m = m * (c**2)[..., None, None]
         elif motion == 4:  # the aortic valve shows when closed (diastole)
@@ -366,8 +358,8 @@ def _render(
         "shadow_w": _uniform(gen, b, 0.05, 0.15),
         # complex speckle noise: a part fixed to the cine (speckle sticks to tissue)
         # plus a part that decorrelates from frame to frame
-        "speckle": 0.75 * torch.randn(b, 1, 2, res, res, generator=gen)
-        + 0.66 * torch.randn(b, frames, 2, res, res, generator=gen),
+        "speckle": 0.85 * torch.randn(b, 1, 2, res, res, generator=gen)
+        + 0.5 * torch.randn(b, frames, 2, res, res, generator=gen),
         "noise": torch.randn(b, frames, res, res, generator=gen).abs(),
     }
     layers = _view_layers()

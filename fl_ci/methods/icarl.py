@@ -25,7 +25,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fl_ci.config import Config
-from fl_ci.data.base import ImageData, augment, batches, normalize, pick_frames
+from fl_ci.data.base import (
+    ImageData,
+    augment,
+    augmentation,
+    batches,
+    normalize,
+    pick_frames,
+)
 from fl_ci.methods.base import Batch, Method, SiteContext
 from fl_ci.methods.lwf import ce_with_kd
 from fl_ci.models import IncrementalNet, NetOutput
@@ -101,8 +108,9 @@ class ExemplarReplay(Method):
         self.share = len(self.labels) / (len(self.labels) + len(ctx.data))
         self.mean, self.std = ctx.data.mean, ctx.data.std
         # the trainer's augmentation of the real rows (fl_ci/trainer.py)
-        self.pad = ctx.data.size // 8 if self.cfg.augment else 0
-        self.flip = self.cfg.augment and self.cfg.dataset == "cifar100"
+        self.pad, self.flip = augmentation(
+            self.cfg.dataset, ctx.data.size, self.cfg.augment
+        )
 
     def extra_share(self, ctx: SiteContext) -> float:
         return self.share

@@ -151,12 +151,12 @@ class CosineHead(GrowableHead):
     """Cosine-normalised classifier (LUCIR, Hou et al. 2019; Class Impressions).
 
     logits_k = eta * <phi / |phi|, w_k / |w_k|> with one learnable scalar eta,
-    initialised at 1.0.
+    initialised at `scale` (upstream: 1.0; see `Config.head_scale`).
     """
 
-    def __init__(self, in_features: int, num_classes: int) -> None:
+    def __init__(self, in_features: int, num_classes: int, scale: float = 1.0) -> None:
         super().__init__(in_features, num_classes)
-        self.eta = nn.Parameter(torch.tensor(1.0))
+        self.eta = nn.Parameter(torch.tensor(float(scale)))
 
     def forward_scores(self, features: Tensor) -> tuple[Tensor, Tensor]:
         """Return (cosine scores in [-1, 1], scaled logits), both [B, K]."""
@@ -207,10 +207,12 @@ class LinearHead(GrowableHead):
         return self.forward_scores(features)[1]
 
 
-def build_head(kind: str, in_features: int, num_classes: int) -> GrowableHead:
-    """Build a `cosine` or `linear` head."""
+def build_head(
+    kind: str, in_features: int, num_classes: int, scale: float = 1.0
+) -> GrowableHead:
+    """Build a `cosine` (eta starting at `scale`) or `linear` head."""
     if kind == "cosine":
-        return CosineHead(in_features, num_classes)
+        return CosineHead(in_features, num_classes, scale)
     if kind == "linear":
         return LinearHead(in_features, num_classes)
     raise ValueError(f"unknown head {kind!r}; expected 'cosine' or 'linear'")

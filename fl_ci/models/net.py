@@ -84,14 +84,19 @@ def _backbone(name: str, in_channels: int) -> ResNetBackbone:
 
 
 def build_model(
-    name: str, num_classes: int, in_channels: int, head: str = "cosine"
+    name: str,
+    num_classes: int,
+    in_channels: int,
+    head: str = "cosine",
+    head_scale: float = 1.0,
 ) -> IncrementalNet:
-    """Build `resnet32`, `resnet18` or `echo_net` with a `cosine` or `linear` head."""
+    """Build `resnet32`, `resnet18` or `echo_net` with a `cosine` or `linear` head
+    (a cosine head's learnable scale starts at `head_scale`)."""
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     backbone = _backbone(name, in_channels)
     dim = backbone.out_channels * backbone.pool_size**2
-    return IncrementalNet(backbone, build_head(head, dim, num_classes))
+    return IncrementalNet(backbone, build_head(head, dim, num_classes, head_scale))
 
 
 def model_for(dataset: str, name: str = "auto") -> str:
