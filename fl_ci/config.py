@@ -94,6 +94,9 @@ class FederationConfig:
     max_norm_ratio: float = 10.0  # reject updates whose norm exceeds this x the median
     cpus_per_site: float = 1.0
     gpus_per_site: float = 0.0
+    retries: int = 1  # times a round short of sound replies is sent again
+    dp_clip_norm: float = 0.0  # > 0: Flower's server-side DP, clip each update's L2
+    dp_noise_multiplier: float = 1.0  # z: aggregate noise std = z * clip / sites
 
 
 @dataclass(frozen=True)
@@ -240,6 +243,8 @@ _NON_NEGATIVE = {
     "synthesis.warmup", "synthesis.init_noise", "synthesis.jitter",
     "synthesis.min_mean_count", "synthesis.mean_noise_std", "ci.margin_weight",
     "ci.contrastive_weight", "ci.top_k", "num_workers", "federation.min_sites",
+    "federation.retries", "federation.dp_clip_norm", "federation.dp_noise_multiplier",
+    "federation.cpus_per_site", "federation.gpus_per_site",
     "partition.min_per_site", "baselines.kd_weight", "baselines.lwm_weight",
     "baselines.memory", "baselines.lucir_lambda", "baselines.lucir_margin",
     "baselines.lucir_margin_weight", "baselines.abd_bn_weight",

@@ -4,8 +4,12 @@
 loop: at each task boundary it freezes the global model as the teacher and grows the
 head by the task's classes; every round it sends model, teacher, shared class means
 and the run's config to the sites, screens the replies (server/checks.py), and lets
-a Flower strategy (FedAvg, FedMedian, FedTrimmedAvg, Krum) aggregate the sound ones.
-Evaluation, metrics and output files are fl_ci's, the same as a single-machine run.
+a Flower strategy (FedAvg, FedMedian, FedTrimmedAvg, Krum, optionally wrapped for
+central DP) aggregate the sound ones. A round with too few sound replies is sent
+again once, then the run stops with the model as it was; after every completed round
+the state is checkpointed in `out/checkpoint.pt`, and a run started again with the
+same `out` resumes there (fl_ci/checkpoint.py). Evaluation, metrics and output files
+are fl_ci's, the same as a single-machine run.
 """
 
 from __future__ import annotations
@@ -13,8 +17,10 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import (
     Array,
@@ -26,25 +32,40 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 
+from fl_ci.checkpoint import (
+    RunStopped,
+    atomic_torch_save,
+    checkpoint_path,
+    load_checkpoint,
+    restore,
+    save_checkpoint,
+)
 from fl_ci.config import Config
 from fl_ci.experiment import Experiment, evaluate, grow_for_task
 from fl_ci.recorder import Recorder
 from fl_ci.synthesis import ClassMeans
-from server.checks import screen_replies
-from server.strategies import build_strategy
+from server.checks import Rejected, screen_replies, site_of
+from server.strategies import build_strategy, is_dp
 
 log = logging.getLogger("fl_ci.server")
 
 app = ServerApp()
 
 
+# run-config keys that are not Config knobs: where to write, what to print, and two
+# test switches (documented in docs/reliability.md)
+RUNTIME_KEYS = frozenset(
+    {"out", "progress", "print-summary", "stop-after-round", "faults"}
+)
+
+
 def split_run_config(run_config: dict) -> tuple[Config, dict]:
     """Flower's flat run-config -> (typed Config, runtime keys such as `out`)."""
-    runtime_keys = {"out", "progress", "print-summary"}
-    runtime = {k: v for k, v in run_config.items() if k in runtime_keys}
+    runtime = {k: v for k, v in run_config.items() if k in RUNTIME_KEYS}
     cfg = Config.from_flat(
-        {k: v for k, v in run_config.items() if k not in runtime_keys}
+        {k: v for k, v in run_config.items() if k not in RUNTIME_KEYS}
     )
     return cfg, runtime
 
@@ -55,7 +76,14 @@ def main(grid: Grid, context: Context) -> None:
     out = Path(
         str(runtime.get("out") or f"runs/flower-{time.strftime('%Y%m%d-%H%M%S')}")
     )
-    summary = run_server(grid, cfg, out, progress=bool(runtime.get("progress", True)))
+    summary = run_server(
+        grid,
+        cfg,
+        out,
+        progress=bool(runtime.get("progress", True)),
+        stop_after_round=int(runtime.get("stop-after-round", 0)),
+        faults=str(runtime.get("faults", "")),
+    )
     if runtime.get("print-summary", True):
         print(summary["table"], flush=True)
         print(f"\nresults in {out.resolve()}", flush=True)
@@ -75,94 +103,125 @@ def wait_for_sites(grid: Grid, sites: int, timeout: float) -> list[int]:
         time.sleep(1.0)
 
 
-def run_server(grid: Grid, cfg: Config, out: Path, progress: bool = True) -> dict:
-    """The whole study: every task, every round; writes `out` and returns the summary."""
+class RoundFailed(RuntimeError):
+    """A round had too few sound replies even when sent again; the model is unchanged."""
+
+
+def _say(text: str) -> None:
+    """A problem the operator must see: stdout (shown by every Flower runtime, and
+    kept by the SuperLink for `flwr log`) and the log."""
+    log.info(text)
+    print(text, flush=True)
+
+
+def run_server(
+    grid: Grid,
+    cfg: Config,
+    out: Path,
+    progress: bool = True,
+    stop_after_round: int = 0,
+    faults: str = "",
+) -> dict:
+    """The whole study: every task, every round; writes `out` and returns the summary.
+
+    Resumes after the last round checkpointed in `out`, if any. `stop_after_round`
+    and `faults` are test switches (docs/reliability.md).
+    """
+    out = Path(out)
     exp = Experiment.from_config(cfg)
     recorder = Recorder(cfg, exp.tasks, exp.class_names)
     strategy = build_strategy(cfg)
     model = exp.build_model()
     teacher = None
     means: ClassMeans | None = None
-    nodes = wait_for_sites(grid, cfg.sites, cfg.federation.timeout)
+    done = 0
+    state = load_checkpoint(out, cfg)
+    if state is not None:
+        resumed = restore(state, exp, recorder)
+        model, teacher, means = resumed.model, resumed.teacher, resumed.means
+        done = resumed.server_round
+        print(f"resuming {out} after round {done}", flush=True)
+    wait_for_sites(grid, cfg.sites, cfg.federation.timeout)
     flat = cfg.to_flat()
+    retries = cfg.federation.retries
+    needed = max(cfg.federation.min_sites, 1)
+    site_by_node: dict[int, int] = {}  # learnt from replies: names a failed node's site
+    rounds = cfg.rounds_per_task
     for task, classes in enumerate(exp.tasks):
-        if task > 0:
+        first = task * rounds + 1
+        if first + rounds - 1 <= done:
+            continue  # the whole task was completed before a restart
+        if task > 0 and first > done:
             teacher = copy.deepcopy(model).eval()
             model = grow_for_task(model, len(classes), seed=cfg.seed * 1000 + task)
-        for rnd in range(cfg.rounds_per_task):
-            server_round = task * cfg.rounds_per_task + rnd + 1
+        for rnd in range(rounds):
+            server_round = first + rnd
+            if server_round <= done:
+                continue
             sent = ArrayRecord(torch_state_dict=model.state_dict())
-            content = RecordDict(
-                {
-                    "arrays": sent,
-                    "config": ConfigRecord(
-                        {**flat, "task": task, "round": rnd, "out": str(out.resolve())}
-                    ),
-                }
-            )
+            started_at, started = time.time(), time.perf_counter()
+            base = {**flat, "task": task, "round": rnd, "out": str(out.resolve())}
+            if faults:
+                base["faults"] = faults
+            extra: dict[str, ArrayRecord] = {}  # the same for every attempt
             if teacher is not None:
-                content["teacher"] = ArrayRecord(torch_state_dict=teacher.state_dict())
+                extra["teacher"] = ArrayRecord(torch_state_dict=teacher.state_dict())
             if means is not None:
-                content["means"] = means_record(means)
-            messages = [
-                Message(
-                    content=copy.copy(content), dst_node_id=node, message_type="train"
+                extra["means"] = means_record(means)
+            collected = RoundReplies()
+            for attempt in range(retries + 1):
+                config = ConfigRecord(
+                    {**base, "server-round": server_round, "attempt": attempt}
                 )
-                for node in nodes
-            ]
-            started = time.perf_counter()
-            replies = list(
-                grid.send_and_receive(messages, timeout=cfg.federation.timeout)
-            )
+                collect(
+                    grid,
+                    RecordDict({"arrays": sent, "config": config, **extra}),
+                    collected,
+                    timeout=cfg.federation.timeout,
+                    announced_classes=model.num_classes,
+                    max_norm_ratio=cfg.federation.max_norm_ratio,
+                    site_by_node=site_by_node,
+                )
+                for note in collected.left_out:
+                    _say(f"round {server_round}: left out {note}")
+                if len(collected.good) >= needed:
+                    break
+                if attempt < retries:
+                    _say(
+                        f"round {server_round}: only {_replies(len(collected.good))}, "
+                        f"{needed} needed; sending the round to every site again "
+                        f"(attempt {attempt + 2} of {retries + 1})"
+                    )
+            else:
+                reasons = "; ".join(collected.left_out)
+                raise RoundFailed(
+                    f"round {server_round} (task {task}, round {rnd}): only "
+                    f"{_replies(len(collected.good))} after {retries + 1} attempts, "
+                    f"{needed} needed (federation.min_sites){': ' if reasons else ''}"
+                    f"{reasons[:2000]}. The global model was left as it was after "
+                    f"round {server_round - 1}"
+                    + (
+                        f", saved in {checkpoint_path(out)}: run again with the same "
+                        "output folder to resume"
+                        if server_round > 1
+                        else ""
+                    )
+                )
+            good, rejected = collected.good, collected.rejected
             seconds = time.perf_counter() - started
-            good, rejected = screen_replies(
-                replies,
-                sent,
-                announced_classes=model.num_classes,
-                max_norm_ratio=cfg.federation.max_norm_ratio,
-            )
-            missing = len(nodes) - len(replies)
-            for r in rejected:
-                log.warning(
-                    "round %d: left out site %s: %s", server_round, r.site, r.reason
-                )
-                print(
-                    f"round {server_round}: left out site {r.site}: {r.reason}",
-                    flush=True,
-                )
-            if missing:
-                print(f"round {server_round}: {missing} site(s) did not reply in time")
-            if len(good) < max(cfg.federation.min_sites, 1):
-                raise RuntimeError(
-                    f"round {server_round} (task {task}, round {rnd}): only {len(good)} "
-                    f"sound replies, {cfg.federation.min_sites} needed; the global model "
-                    "was left as it was after the previous round"
-                )
-            arrays, _ = strategy.aggregate_train(
-                server_round, [_for_strategy(r) for r in good]
-            )
-            if arrays is None:
-                raise RuntimeError(
-                    f"round {server_round}: the strategy returned no model"
-                )
-            state = arrays.to_torch_state_dict()
-            model.load_state_dict(
-                {k: v.to(model.state_dict()[k].dtype) for k, v in state.items()}
-            )
-            if rnd == cfg.rounds_per_task - 1:
+            num_examples = int(sum(r.content["metrics"]["num-examples"] for r in good))
+            new_state = aggregate(strategy, server_round, good, sent)
+            model.load_state_dict(new_state)
+            if rnd == rounds - 1:
                 shared = [
                     means_from_record(r.content["means"])
-                    for r in good
+                    for r in sorted(good, key=_site_key)
                     if "means" in r.content.array_records
                 ]
                 if shared:
                     task_means = sum(shared[1:], shared[0])
                     means = task_means if means is None else means + task_means
             val = evaluate(exp, model, task, split="val")
-            sent_bytes = sum(payload_bytes(m.content) for m in messages)
-            recv_bytes = sum(
-                payload_bytes(r.content) for r in replies if not r.has_error()
-            )
             recorder.add_row(
                 task=task,
                 round=rnd,
@@ -171,37 +230,175 @@ def run_server(grid: Grid, cfg: Config, out: Path, progress: bool = True) -> dic
                 accuracy=val["accuracy"],
                 old_accuracy=val["old_accuracy"],
                 new_accuracy=val["new_accuracy"],
-                sites_replied=len(replies),
+                sites_replied=collected.replied,
                 sites_aggregated=len(good),
                 sites_rejected=len(rejected),
+                attempts=collected.attempts,
+                left_out="; ".join(collected.notes)[:2000],
+                started_at=started_at,
                 round_seconds=seconds,
-                bytes_sent=sent_bytes,
-                bytes_received=recv_bytes,
-                num_examples=int(
-                    sum(r.content["metrics"]["num-examples"] for r in good)
-                ),
+                bytes_sent=collected.bytes_sent,
+                bytes_received=collected.bytes_received,
+                num_examples=num_examples,
             )
             if progress:
                 print(
-                    f"task {task} round {rnd}: {len(good)}/{len(nodes)} sites, val "
+                    f"task {task} round {rnd}: {len(good)}/{collected.sites} sites, val "
                     f"accuracy {val['accuracy']:.2f}%, {seconds:.1f} s, "
-                    f"{sent_bytes / 1e6:.1f} MB sent",
+                    f"{collected.bytes_sent / 1e6:.1f} MB sent",
                     flush=True,
                 )
-        result = evaluate(exp, model, task, split="test")
-        recorder.add_task(task, result)
-        recorder.write(out)
-        if progress:
-            print(
-                f"task {task}: {exp.seen(task)} classes seen, test accuracy "
-                f"{result['accuracy']:.2f}% (old {result['old_accuracy']:.2f}%, "
-                f"new {result['new_accuracy']:.2f}%)",
-                flush=True,
+            if rnd == rounds - 1:
+                result = evaluate(exp, model, task, split="test")
+                recorder.add_task(task, result)
+                recorder.write(out)
+                if progress:
+                    print(
+                        f"task {task}: {exp.seen(task)} classes seen, test accuracy "
+                        f"{result['accuracy']:.2f}% (old "
+                        f"{result['old_accuracy']:.2f}%, new "
+                        f"{result['new_accuracy']:.2f}%)",
+                        flush=True,
+                    )
+            save_checkpoint(
+                out,
+                cfg=cfg,
+                server_round=server_round,
+                model=model,
+                teacher=teacher,
+                means=means,
+                recorder=recorder,
             )
+            if server_round == stop_after_round:
+                raise RunStopped(
+                    f"stopped after round {server_round} (stop-after-round); run "
+                    f"again with the same output folder {out} to resume"
+                )
     summary = recorder.write(out)
-    torch.save(model.state_dict(), out / "model.pt")
+    atomic_torch_save(model.state_dict(), out / "model.pt")
     summary["table"] = recorder.table()
     return summary
+
+
+@dataclass
+class RoundReplies:
+    """What a round's attempts brought back; `good` and `rejected` are the last's."""
+
+    good: list[Message] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+    left_out: list[str] = field(default_factory=list)  # the last attempt's
+    notes: list[str] = field(default_factory=list)  # every attempt's, for the row
+    replied: int = 0
+    sites: int = 0
+    attempts: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+
+def collect(
+    grid: Grid,
+    content: RecordDict,
+    into: RoundReplies,
+    *,
+    timeout: float,
+    announced_classes: int,
+    max_norm_ratio: float,
+    site_by_node: dict[int, int],
+) -> None:
+    """Send `content` to every connected node (a restarted SuperNode may have a new
+    id), screen the replies and record the attempt in `into`."""
+    nodes = sorted(grid.get_node_ids())
+    messages = [
+        Message(content=copy.copy(content), dst_node_id=node, message_type="train")
+        for node in nodes
+    ]
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    learn_sites(replies, site_by_node)
+    into.good, into.rejected = screen_replies(
+        replies,
+        content["arrays"],
+        announced_classes=announced_classes,
+        max_norm_ratio=max_norm_ratio,
+        known_sites=site_by_node,
+    )
+    answered = {r.metadata.src_node_id for r in replies}
+    into.left_out = [f"site {r.site}: {r.reason}" for r in into.rejected] + [
+        f"site {site_by_node.get(n, f'node {n}')}: no reply within {timeout:.0f} s"
+        for n in nodes
+        if n not in answered
+    ]
+    into.attempts += 1
+    into.notes += [f"{note} (attempt {into.attempts})" for note in into.left_out]
+    into.replied, into.sites = len(replies), len(nodes)
+    into.bytes_sent += sum(payload_bytes(m.content) for m in messages)
+    into.bytes_received += sum(
+        payload_bytes(r.content) for r in replies if not r.has_error()
+    )
+
+
+def _replies(n: int) -> str:
+    return f"{n} sound {'reply' if n == 1 else 'replies'}"
+
+
+def learn_sites(replies: list[Message], site_by_node: dict[int, int]) -> None:
+    """Remember which site each node is, from the site numbers replies report."""
+    for reply in replies:
+        site = site_of(reply)
+        if isinstance(site, int):
+            site_by_node[reply.metadata.src_node_id] = site
+
+
+def _site_key(reply: Message) -> tuple[int, int | str]:
+    site = site_of(reply)
+    return (0, site) if isinstance(site, int) else (1, str(site))
+
+
+def aggregate(
+    strategy: Strategy,
+    server_round: int,
+    replies: list[Message],
+    sent: ArrayRecord,
+) -> dict[str, torch.Tensor]:
+    """The new global state dict from sound `replies`, ready to load into the model.
+
+    Replies go to the strategy in site order, so the result does not depend on the
+    order they arrived in (a resumed run then matches an uninterrupted one). The
+    model is only replaced by the caller once this returned a finite state.
+    """
+    ordered = sorted(replies, key=_site_key)
+    dtypes = {k: np.dtype(sent[k].dtype) for k in sent.keys()}
+    if is_dp(strategy):
+        floats = [k for k, d in dtypes.items() if d.kind == "f"]
+        # what configure_train would have set: the clipping reference
+        strategy.current_arrays = _atleast_1d(sent, floats)
+        inputs = [_for_strategy(r, keys=floats, weight=1) for r in ordered]
+        for message in inputs:
+            message.content["arrays"] = _atleast_1d(message.content["arrays"], floats)
+    else:
+        inputs = [_for_strategy(r) for r in ordered]
+    arrays, _ = strategy.aggregate_train(server_round, inputs)
+    if arrays is None:
+        raise RoundFailed(f"round {server_round}: the strategy returned no model")
+    state = {}
+    for key, dtype in dtypes.items():
+        value = arrays[key].numpy() if key in arrays else sent[key].numpy()
+        value = np.asarray(value).reshape(sent[key].shape)
+        if dtype.kind == "f" and not np.isfinite(value).all():
+            raise RoundFailed(
+                f"round {server_round}: the aggregate of '{key}' holds NaN or Inf; "
+                f"the global model was left as it was after round {server_round - 1}"
+            )
+        # integer buffers (BatchNorm's batch count) come back as floats from a median
+        state[key] = torch.from_numpy(value.astype(dtype, copy=False))
+    return state
+
+
+def _atleast_1d(record: ArrayRecord, keys: list[str]) -> ArrayRecord:
+    """`keys` of `record`, 0-d arrays as shape (1,): Flower 1.41's DP clipping scales
+    arrays in place, and the difference of two 0-d arrays is a numpy scalar, which is
+    rebound rather than scaled, so a scalar parameter (the cosine head's scale) would
+    escape clipping."""
+    return ArrayRecord({k: Array(np.atleast_1d(record[k].numpy())) for k in keys})
 
 
 def payload_bytes(content: RecordDict) -> int:
@@ -218,13 +415,22 @@ def means_from_record(record: ArrayRecord) -> ClassMeans:
     return ClassMeans.from_arrays({k: a.numpy() for k, a in record.items()})
 
 
-def _for_strategy(reply: Message) -> Message:
-    """The reply as Flower's strategies expect it: one ArrayRecord, one MetricRecord."""
+def _for_strategy(
+    reply: Message, keys: list[str] | None = None, weight: int | None = None
+) -> Message:
+    """The reply as Flower's strategies expect it: one ArrayRecord (a copy: median
+    and trimmed mean pop arrays out of it; only `keys` if given), one MetricRecord
+    (`num-examples` is the weight; `weight` replaces it, e.g. equal weights for DP)."""
     metrics = reply.content["metrics"]
+    arrays = reply.content["arrays"]
     content = RecordDict(
         {
-            "arrays": reply.content["arrays"],
-            "metrics": MetricRecord({"num-examples": metrics["num-examples"]}),
+            "arrays": ArrayRecord(
+                {k: arrays[k] for k in (keys if keys is not None else arrays.keys())}
+            ),
+            "metrics": MetricRecord(
+                {"num-examples": metrics["num-examples"] if weight is None else weight}
+            ),
         }
     )
     return Message(content=content, dst_node_id=0, message_type="train")

@@ -23,13 +23,26 @@ class Rejected:
     reason: str
 
 
-def site_of(reply: Message) -> int | str:
-    """The site number a reply reports, else its node id."""
+def site_of(reply: Message, known: dict[int, int] | None = None) -> int | str:
+    """The site number a reply reports, else the one its node reported earlier
+    (`known`: node id -> site, e.g. for an error reply), else its node id."""
     if not reply.has_error() and "metrics" in reply.content.metric_records:
         site = reply.content["metrics"].get("site")
-        if site is not None:
+        if isinstance(site, (int, float)) and not isinstance(site, bool):
             return int(site)
-    return f"node {reply.metadata.src_node_id}"
+    node = reply.metadata.src_node_id
+    if known and node in known:
+        return known[node]
+    return f"node {node}"
+
+
+def short_error(reason: str, limit: int = 300) -> str:
+    """The message of an error reply without the runtime's traceback (Ray wraps a
+    site's exception as '... Message: <text>'>')."""
+    text = reason.rsplit("Message: ", 1)[-1].strip().removesuffix("'>").strip()
+    lines = [line for line in text.splitlines() if line.strip()]
+    text = lines[-1].strip() if lines else reason.strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def check_reply(
@@ -41,7 +54,7 @@ def check_reply(
 ) -> str | None:
     """The reason `reply` must not be aggregated, or None if it is sound."""
     if reply.has_error():
-        return f"site error: {reply.error.reason}"
+        return f"site error: {short_error(reply.error.reason)}"
     content = reply.content
     if "arrays" not in content.array_records or "metrics" not in content.metric_records:
         return "reply lacks the 'arrays' or 'metrics' record"
@@ -56,6 +69,21 @@ def check_reply(
     classes = metrics.get("num-classes")
     if classes is not None and int(classes) != announced_classes:
         return f"model has {classes} classes, the server announced {announced_classes}"
+    held = metrics.get("classes")
+    if held is not None:
+        # a site whose data names a class the server never announced trained its
+        # head on labels the global model does not have
+        held = held if isinstance(held, list) else [held]
+        unknown = [
+            c
+            for c in held
+            if not (float(c).is_integer() and 0 <= c < announced_classes)
+        ]
+        if unknown:
+            return (
+                f"site's data holds classes {unknown[:5]} the server did not announce "
+                f"(announced 0..{announced_classes - 1})"
+            )
     arrays = content["arrays"]
     if set(arrays.keys()) != set(sent.keys()):
         missing = sorted(set(sent.keys()) - set(arrays.keys()))
@@ -92,14 +120,16 @@ def screen_replies(
     *,
     announced_classes: int,
     max_norm_ratio: float,
+    known_sites: dict[int, int] | None = None,
 ) -> tuple[list[Message], list[Rejected]]:
-    """Split replies into sound ones and rejections (site, reason)."""
+    """Split replies into sound ones and rejections (site, reason); `known_sites`
+    (node id -> site) names the site of an error reply."""
     good: list[Message] = []
     rejected: list[Rejected] = []
     for reply in replies:
         reason = check_reply(reply, sent, announced_classes=announced_classes)
         if reason:
-            rejected.append(Rejected(site_of(reply), reason))
+            rejected.append(Rejected(site_of(reply, known_sites), reason))
         else:
             good.append(reply)
     if len(good) >= 3 and max_norm_ratio > 0:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from fl_ci.config import Config, ConfigError
 from fl_ci.data.base import DataError
+from fl_ci.synthesis import MissingMeanError, SynthesisError
+from fl_ci.trainer import TrainingError
 
 SCENARIOS = Path(__file__).parent / "scenarios"
 
@@ -51,7 +53,13 @@ def main(argv: list[str] | None = None) -> int:
             from simulations.federated import run_federated
 
             summary = run_federated(cfg, out, progress=not args.quiet)
-    except (ConfigError, DataError) as err:
+    except (
+        ConfigError,
+        DataError,
+        MissingMeanError,
+        SynthesisError,
+        TrainingError,
+    ) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print()

@@ -4,7 +4,8 @@
 receive the scenario's flat config (plus the output folder); clients get everything
 from the config record of each message. Each simulated site asks Ray for
 `federation.cpus_per_site` CPUs and `federation.gpus_per_site` GPUs (fractions share
-one GPU).
+one GPU). The server checkpoints after every round in `out/checkpoint.pt`; calling
+again with the same `out` resumes after the last completed round.
 """
 
 from __future__ import annotations
@@ -14,13 +15,23 @@ import os
 from pathlib import Path
 from typing import Any
 
-from fl_ci.config import Config
+from fl_ci.config import Config, ConfigError
 
 
 def run_federated(
-    cfg: Config, out: str | Path, progress: bool = True
+    cfg: Config,
+    out: str | Path,
+    progress: bool = True,
+    *,
+    stop_after_round: int = 0,
+    faults: str = "",
 ) -> dict[str, Any]:
-    """Run `cfg` with `cfg.sites` simulated SuperNodes; returns the summary."""
+    """Run `cfg` with `cfg.sites` simulated SuperNodes; returns the summary.
+
+    Test switches (docs/reliability.md): `stop_after_round` stops the server once that
+    round is checkpointed; `faults` injects site faults (`client.app.parse_faults`).
+    A server failure is raised here with its own type.
+    """
     for key, value in (
         ("FLWR_TELEMETRY_ENABLED", "0"),
         ("FLWR_DISABLE_UPDATE_CHECK", "1"),
@@ -33,14 +44,18 @@ def run_federated(
     from flwr.simulation import run_simulation
 
     from client.app import app as client_app
+    from client.app import parse_faults
     from server.app import main as server_main
 
+    parse_faults(faults)  # a malformed spec stops here, not in every site
     out = Path(out).resolve()
     run_config = {
         **cfg.to_flat(),
         "out": str(out),
         "progress": progress,
         "print-summary": False,  # the caller prints it
+        "stop-after-round": int(stop_after_round),
+        "faults": faults,
     }
     server_app = ServerApp()
 
@@ -50,7 +65,20 @@ def run_federated(
         server_main(grid, context)
 
     fed = cfg.federation
-    cpus = max(int(os.cpu_count() or 1), 1)
+    if fed.gpus_per_site > 0:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"config key 'federation.gpus_per_site' = {fed.gpus_per_site} but no "
+                "CUDA device is present: Ray would never schedule a site"
+            )
+    # an existing Ray cluster (RAY_ADDRESS) brings its own resources; else use ours
+    init_args: dict[str, Any] = {"include_dashboard": False}
+    if os.environ.get("RAY_ADDRESS"):
+        init_args["address"] = os.environ["RAY_ADDRESS"]
+    else:
+        init_args["num_cpus"] = max(int(os.cpu_count() or 1), 1)
     run_simulation(
         server_app=server_app,
         client_app=client_app,
@@ -60,7 +88,7 @@ def run_federated(
                 "num_cpus": fed.cpus_per_site,
                 "num_gpus": fed.gpus_per_site,
             },
-            "init_args": {"num_cpus": cpus, "include_dashboard": False},
+            "init_args": init_args,
         },
     )
     summary_path = out / "summary.json"

@@ -2,7 +2,9 @@
 
 The loop is the federated one with a single site: at each task boundary the model is
 frozen as the teacher and its head grows; the site trains `rounds_per_task` rounds;
-validation after every round, test after every task.
+validation after every round, test after every task. After every round the state is
+checkpointed in `out/checkpoint.pt` (fl_ci/checkpoint.py); a run started again with
+the same `out` resumes after the last completed round.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import copy
 from pathlib import Path
 from typing import Any
 
+from fl_ci.checkpoint import RunStopped, load_checkpoint, restore, save_checkpoint
 from fl_ci.config import Config
 from fl_ci.experiment import (
     Experiment,
@@ -24,20 +27,45 @@ from fl_ci.recorder import Recorder
 from fl_ci.synthesis import ClassMeans
 
 
-def run_local(cfg: Config, out: str | Path, progress: bool = True) -> dict[str, Any]:
-    """Run every task of `cfg` at one site; write the output folder; return the summary."""
+def run_local(
+    cfg: Config,
+    out: str | Path,
+    progress: bool = True,
+    stop_after_round: int = 0,
+) -> dict[str, Any]:
+    """Run every task of `cfg` at one site; write the output folder; return the summary.
+
+    `stop_after_round` > 0 stops with `RunStopped` once that round is checkpointed,
+    as a crash would (for tests of resuming).
+    """
+    out = Path(out)
     exp = Experiment.from_config(cfg)
     recorder = Recorder(cfg, exp.tasks, exp.class_names)
     model = exp.build_model()
     teacher = None
     means: ClassMeans | None = None
-    store = SiteStore(Path(out) / "site-0")
+    done = 0
+    state = load_checkpoint(out, cfg)
+    if state is not None:
+        resumed = restore(state, exp, recorder)
+        model, teacher, means = resumed.model, resumed.teacher, resumed.means
+        done = resumed.server_round
+        if progress:
+            print(f"resuming {out} after round {done}", flush=True)
+    store = SiteStore(out / "site-0")
+    rounds = cfg.rounds_per_task
     for task, classes in enumerate(exp.tasks):
-        if task > 0:
+        first = task * rounds + 1
+        if first + rounds - 1 <= done:
+            continue  # the whole task was completed before a restart
+        if task > 0 and first > done:
             teacher = copy.deepcopy(model).eval()
             model = grow_for_task(model, len(classes), seed=cfg.seed * 1000 + task)
         old_means = means.means(list(range(classes[0]))) if means and task else None
-        for rnd in range(cfg.rounds_per_task):
+        for rnd in range(rounds):
+            server_round = first + rnd
+            if server_round <= done:
+                continue
             model, train_metrics = site_round(
                 exp,
                 model,
@@ -53,6 +81,7 @@ def run_local(cfg: Config, out: str | Path, progress: bool = True) -> dict[str, 
             recorder.add_row(
                 task=task,
                 round=rnd,
+                server_round=server_round,
                 split="val",
                 site=0,
                 accuracy=val["accuracy"],
@@ -60,17 +89,33 @@ def run_local(cfg: Config, out: str | Path, progress: bool = True) -> dict[str, 
                 new_accuracy=val["new_accuracy"],
                 **train_metrics,
             )
-        site_means = site_class_means(exp, task, 0)
-        means = site_means if means is None else means + site_means
-        result = evaluate(exp, model, task, split="test")
-        recorder.add_task(task, result)
-        if progress:
-            print(
-                f"task {task}: {exp.seen(task)} classes seen, test accuracy "
-                f"{result['accuracy']:.2f}% (old {result['old_accuracy']:.2f}%, "
-                f"new {result['new_accuracy']:.2f}%)",
-                flush=True,
+            if rnd == rounds - 1:
+                site_means = site_class_means(exp, task, 0)
+                means = site_means if means is None else means + site_means
+                result = evaluate(exp, model, task, split="test")
+                recorder.add_task(task, result)
+                if progress:
+                    print(
+                        f"task {task}: {exp.seen(task)} classes seen, test accuracy "
+                        f"{result['accuracy']:.2f}% (old "
+                        f"{result['old_accuracy']:.2f}%, new "
+                        f"{result['new_accuracy']:.2f}%)",
+                        flush=True,
+                    )
+            save_checkpoint(
+                out,
+                cfg=cfg,
+                server_round=server_round,
+                model=model,
+                teacher=teacher,
+                means=means,
+                recorder=recorder,
             )
+            if server_round == stop_after_round:
+                raise RunStopped(
+                    f"stopped after round {server_round} (stop_after_round); run "
+                    f"again with the same output folder {out} to resume"
+                )
     summary = recorder.write(out)
     summary["table"] = recorder.table()
     return summary

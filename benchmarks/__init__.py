@@ -1,0 +1,1 @@
+"""Speed benchmarks (not tests): synthesis, training step, federated round."""
