@@ -93,6 +93,34 @@ def save_checkpoint(
     return path
 
 
+def end_of_round(
+    out: str | Path,
+    *,
+    cfg: Config,
+    server_round: int,
+    model: torch.nn.Module,
+    teacher: torch.nn.Module | None,
+    means: Any,
+    recorder: Any,
+    stop_after_round: int = 0,
+) -> None:
+    """Checkpoint a completed round; stop there if `stop_after_round` asks for it."""
+    save_checkpoint(
+        out,
+        cfg=cfg,
+        server_round=server_round,
+        model=model,
+        teacher=teacher,
+        means=means,
+        recorder=recorder,
+    )
+    if server_round == stop_after_round:
+        raise RunStopped(
+            f"stopped after round {server_round} (stop-after-round); run again with "
+            f"the same output folder {out} to resume"
+        )
+
+
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """`torch.save` to a temporary file beside `path`, then rename over it."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -68,6 +68,22 @@ class Recorder:
             accuracy_mean_over_tasks=float(np.nanmean(result["per_task"])),
         )
 
+    def test_task(self, exp, model, task: int, progress: bool = True) -> dict[str, Any]:
+        """Evaluate `model` on the test data of every class seen after `task`, record
+        the accuracy-matrix row and print it."""
+        from fl_ci.experiment import evaluate
+
+        result = evaluate(exp, model, task, split="test")
+        self.add_task(task, result)
+        if progress:
+            print(
+                f"task {task}: {exp.seen(task)} classes seen, test accuracy "
+                f"{result['accuracy']:.2f}% (old {result['old_accuracy']:.2f}%, "
+                f"new {result['new_accuracy']:.2f}%)",
+                flush=True,
+            )
+        return result
+
     def summary(self) -> dict[str, Any]:
         done = len(self.task_results)
         r = self.matrix[:done, :done]

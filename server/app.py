@@ -35,12 +35,11 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from fl_ci.checkpoint import (
-    RunStopped,
     atomic_torch_save,
     checkpoint_path,
+    end_of_round,
     load_checkpoint,
     restore,
-    save_checkpoint,
 )
 from fl_ci.config import Config
 from fl_ci.experiment import Experiment, evaluate, grow_for_task
@@ -249,18 +248,9 @@ def run_server(
                     flush=True,
                 )
             if rnd == rounds - 1:
-                result = evaluate(exp, model, task, split="test")
-                recorder.add_task(task, result)
-                recorder.write(out)
-                if progress:
-                    print(
-                        f"task {task}: {exp.seen(task)} classes seen, test accuracy "
-                        f"{result['accuracy']:.2f}% (old "
-                        f"{result['old_accuracy']:.2f}%, new "
-                        f"{result['new_accuracy']:.2f}%)",
-                        flush=True,
-                    )
-            save_checkpoint(
+                recorder.test_task(exp, model, task, progress)
+                recorder.write(out)  # outputs so far, after every task
+            end_of_round(
                 out,
                 cfg=cfg,
                 server_round=server_round,
@@ -268,12 +258,8 @@ def run_server(
                 teacher=teacher,
                 means=means,
                 recorder=recorder,
+                stop_after_round=stop_after_round,
             )
-            if server_round == stop_after_round:
-                raise RunStopped(
-                    f"stopped after round {server_round} (stop-after-round); run "
-                    f"again with the same output folder {out} to resume"
-                )
     summary = recorder.write(out)
     atomic_torch_save(model.state_dict(), out / "model.pt")
     summary["table"] = recorder.table()

@@ -13,7 +13,7 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from fl_ci.checkpoint import RunStopped, load_checkpoint, restore, save_checkpoint
+from fl_ci.checkpoint import end_of_round, load_checkpoint, restore
 from fl_ci.config import Config
 from fl_ci.experiment import (
     Experiment,
@@ -92,17 +92,8 @@ def run_local(
             if rnd == rounds - 1:
                 site_means = site_class_means(exp, task, 0)
                 means = site_means if means is None else means + site_means
-                result = evaluate(exp, model, task, split="test")
-                recorder.add_task(task, result)
-                if progress:
-                    print(
-                        f"task {task}: {exp.seen(task)} classes seen, test accuracy "
-                        f"{result['accuracy']:.2f}% (old "
-                        f"{result['old_accuracy']:.2f}%, new "
-                        f"{result['new_accuracy']:.2f}%)",
-                        flush=True,
-                    )
-            save_checkpoint(
+                recorder.test_task(exp, model, task, progress)
+            end_of_round(
                 out,
                 cfg=cfg,
                 server_round=server_round,
@@ -110,12 +101,8 @@ def run_local(
                 teacher=teacher,
                 means=means,
                 recorder=recorder,
+                stop_after_round=stop_after_round,
             )
-            if server_round == stop_after_round:
-                raise RunStopped(
-                    f"stopped after round {server_round} (stop_after_round); run "
-                    f"again with the same output folder {out} to resume"
-                )
     summary = recorder.write(out)
     summary["table"] = recorder.table()
     return summary
