@@ -52,17 +52,8 @@ TINY = {
 }
 
 
-@pytest.fixture(autouse=True)
-def run_identity():
-    """Messages are made inside a run; a ServerApp process has its run id set."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    keys = ("_run_id", "_node_id", "_task_id")
-    before = [getattr(TaskIdentity, k) for k in keys]
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    for key, value in zip(keys, before, strict=True):
-        setattr(TaskIdentity, key, value)
+# Flower Messages are built in-process here (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("run_identity")
 
 
 # ----- replies built in-process ---------------------------------------------------
