@@ -52,12 +52,13 @@ def setup_threads(threads: int) -> int:
 
 
 def resolve_device(name: str) -> torch.device:
-    """auto: CUDA when present; cuda without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda but torch sees no CUDA device")
-    return torch.device(name)
+    """auto: CUDA when present; cuda without a GPU is an error (fl_ci's own rule)."""
+    from fl_ci.trainer import resolve_device as resolve
+
+    try:
+        return resolve(name)
+    except RuntimeError:
+        raise SystemExit("--device cuda but torch sees no CUDA device") from None
 
 
 def sync(device: torch.device) -> None:

@@ -10,7 +10,6 @@ a checkpoint holds tensors and plain values only, never code.
 
 from __future__ import annotations
 
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from fl_ci.config import Config, ConfigError
 from fl_ci.experiment import Experiment, grow_for_task
 from fl_ci.models import IncrementalNet
 from fl_ci.recorder import Recorder
+from fl_ci.results import atomic_torch_save
 from fl_ci.synthesis import ClassMeans
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -119,20 +119,6 @@ def end_of_round(
             f"stopped after round {server_round} (stop-after-round); run again with "
             f"the same output folder {out} to resume"
         )
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """`torch.save` to a temporary file beside `path`, then rename over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())  # the rename must never expose unwritten bytes
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(out: str | Path, cfg: Config) -> dict[str, Any] | None:

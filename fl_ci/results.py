@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
-def _atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> Path:
+def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> Path:
     """Call write(tmp_path) on a temp file beside `path`, then rename it into place."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -37,6 +37,19 @@ def _atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) ->
         Path(tmp).unlink(missing_ok=True)
         raise
     return target
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
+    """`torch.save`, synced to disk, through `atomic_write`: a crash leaves the old file."""
+    import torch
+
+    def save(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # the rename must never expose unwritten bytes
+
+    return atomic_write(path, save)
 
 
 # ---------------------------------------------------------------- metrics.parquet
@@ -71,7 +84,7 @@ def write_metrics(rows: list[dict[str, Any]], path: str | os.PathLike[str]) -> P
     table = pa.table(
         {name: _column([row.get(name) for row in rows]) for name in columns}
     )
-    return _atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+    return atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -109,7 +122,7 @@ def to_jsonable(obj: Any) -> Any:
 def write_json(obj: Any, path: str | os.PathLike[str]) -> Path:
     """Write obj as indented JSON (see `to_jsonable` for what is converted)."""
     text = json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n"
-    return _atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 # ---------------------------------------------------------------- plots
@@ -119,7 +132,7 @@ def _save_png(fig: Any, path: str | os.PathLike[str]) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
-    return _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
 
 def plot_accuracy(

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from fl_ci.config import Config
 from fl_ci.data.base import ImageData
 from fl_ci.models import IncrementalNet, NetOutput
+from fl_ci.results import atomic_torch_save
 
 
 class SiteStore:
@@ -58,10 +58,7 @@ class SiteStore:
         if self.root is None:
             self._memory[key] = value
             return
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".{key}.pt.tmp{os.getpid()}"
-        torch.save(value, tmp)
-        os.replace(tmp, self.root / f"{key}.pt")
+        atomic_torch_save(value, self.root / f"{key}.pt")
 
 
 def model_hash(model: torch.nn.Module) -> str:
