@@ -36,7 +36,7 @@ from fl_ci.config import Config, ConfigError
 from fl_ci.data.base import DataError
 from fl_ci.experiment import Experiment
 from fl_ci.methods.base import model_hash
-from fl_ci.results import _atomic_write, _save_png, write_json
+from fl_ci.results import atomic_write, _save_png, write_json
 
 _FILE = re.compile(r"impressions-task(\d+)-([0-9a-f]+)\.pt$")
 
@@ -217,7 +217,7 @@ def audit_run(
     write_json(
         {k: v for k, v in out.items() if k != "markdown"}, run_dir / "audit.json"
     )
-    _atomic_write(
+    atomic_write(
         run_dir / "audit.md",
         lambda tmp: Path(tmp).write_text(out["markdown"], encoding="utf-8"),
     )
