@@ -40,7 +40,7 @@ from flwr.clientapp import ClientApp
 
 from fl_ci.config import ConfigError
 from fl_ci.data.base import DataError
-from fl_ci.experiment import Experiment, site_class_means, site_round
+from fl_ci.experiment import Experiment, shared_class_means, site_round
 from fl_ci.methods import SiteStore
 from server.app import means_from_record, means_record, split_run_config
 
@@ -188,13 +188,7 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     if rnd == cfg.rounds_per_task - 1:
-        mine = site_class_means(exp, task, site).restricted(
-            cfg.synthesis.min_mean_count
-        )
-        if cfg.synthesis.mean_noise_std > 0:
-            g = torch.Generator().manual_seed(cfg.seed * 131 + task * 17 + site)
-            mine = mine.with_noise(cfg.synthesis.mean_noise_std, g)
-        content["means"] = means_record(mine)
+        content["means"] = means_record(shared_class_means(exp, task, site, store))
     return Message(content=content, reply_to=msg)
 
 

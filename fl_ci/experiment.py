@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -213,6 +214,28 @@ def site_round(
 def site_class_means(exp: Experiment, task: int, site: int) -> ClassMeans:
     """(sum, count) per class of the site's task data, in normalised input space."""
     return ClassMeans.from_data(exp.site_data(task, site), classes=exp.tasks[task])
+
+
+def shared_class_means(
+    exp: Experiment, task: int, site: int, store: SiteStore
+) -> ClassMeans:
+    """What a site shares of its class means: only classes with at least
+    `synthesis.min_mean_count` images, with `synthesis.mean_noise_std` noise drawn from
+    a secret seed. The noisy means are kept in the site's store, so a retried round
+    sends the same ones (fresh noise would be a second release); a seed derived from
+    the run config would let the server regenerate the noise and subtract it."""
+    scfg = exp.cfg.synthesis
+    mine = site_class_means(exp, task, site).restricted(scfg.min_mean_count)
+    if scfg.mean_noise_std <= 0:
+        return mine
+    key = f"shared-means-task{task}"
+    kept = store.get(key)
+    if kept is not None:
+        return ClassMeans(kept["sums"], kept["counts"])
+    generator = torch.Generator().manual_seed(secrets.randbits(63))
+    noisy = mine.with_noise(scfg.mean_noise_std, generator)
+    store.put(key, {"sums": noisy.sums, "counts": noisy.counts})
+    return noisy
 
 
 # ----- evaluation --------------------------------------------------------------------

@@ -43,7 +43,9 @@ from fl_ci.checkpoint import (
 )
 from fl_ci.config import Config
 from fl_ci.experiment import Experiment, evaluate, grow_for_task
+from fl_ci.privacy import central_dp_summary
 from fl_ci.recorder import Recorder
+from fl_ci.results import write_json
 from fl_ci.synthesis import ClassMeans
 from server.checks import Rejected, screen_replies, site_of
 from server.strategies import build_strategy, is_dp
@@ -261,6 +263,15 @@ def run_server(
                 stop_after_round=stop_after_round,
             )
     summary = recorder.write(out)
+    if is_dp(strategy):  # site-level privacy spent, over every aggregated round
+        aggregated = [
+            r["sites_aggregated"] for r in recorder.rows if r["split"] == "val"
+        ]
+        fed_dp = central_dp_summary(
+            cfg.federation.dp_noise_multiplier, cfg.sites, aggregated
+        )
+        summary.update(fed_dp)
+        write_json(summary, out / "summary.json")
     atomic_torch_save(model.state_dict(), out / "model.pt")
     summary["table"] = recorder.table()
     return summary
