@@ -36,7 +36,7 @@ from fl_ci.config import Config, ConfigError
 from fl_ci.data.base import DataError
 from fl_ci.experiment import Experiment
 from fl_ci.methods.base import model_hash
-from fl_ci.results import atomic_write, _save_png, write_json
+from fl_ci.results import _save_png, atomic_write, write_json
 
 _FILE = re.compile(r"impressions-task(\d+)-([0-9a-f]+)\.pt$")
 
