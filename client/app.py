@@ -1,8 +1,9 @@
 """Flower ClientApp: one hospital site.
 
 It loads its own data (simulation: its partition from `partition-id` /
-`num-partitions` in the node config), rebuilds model and teacher from the received
-arrays, runs the configured method for one round (Class Impression synthesizes its
+`num-partitions` in the node config), rebuilds the model from the received arrays and
+the teacher from the copy the server sends once per task (kept in the site's store; a
+site that lost it replies `needs-teacher` and is sent it again), runs the configured method for one round (Class Impression synthesizes its
 impressions once per task and keeps them on the site's disk, so a restarted site
 synthesizes again rather than failing) and returns arrays, example count, metrics
 and, after a task's last round, its class means as (sum, count). Its metrics name the
@@ -133,6 +134,7 @@ def train(msg: Message, context: Context) -> Message:
     task, rnd = int(cfg_record.pop("task")), int(cfg_record.pop("round"))
     server_round = int(cfg_record.pop("server-round", 0))
     attempt = int(cfg_record.pop("attempt", 0))
+    teacher_id = str(cfg_record.pop("teacher-id", ""))
     cfg, runtime = split_run_config(cfg_record)
     site = site_number(context)
     store = site_store(context, str(runtime.get("out", "runs")), site)
@@ -142,6 +144,22 @@ def train(msg: Message, context: Context) -> Message:
     if "restart" in faults and store.root is not None:
         log.warning("site %d: store %s removed (restart fault)", site, store.root)
         shutil.rmtree(store.root, ignore_errors=True)
+    teacher_state = None
+    if teacher_id:
+        # the teacher comes once per task: keep it before anything else can fail
+        if "teacher" in msg.content.array_records:
+            teacher_state = msg.content["teacher"].to_torch_state_dict()
+            store.put(f"teacher-{teacher_id}", teacher_state)
+            store.prune("teacher-", keep=f"teacher-{teacher_id}")
+        else:
+            teacher_state = store.get(f"teacher-{teacher_id}")
+            if teacher_state is None:
+                return problem_reply(
+                    msg,
+                    site,
+                    f"site {site} lost the task's teacher",
+                    needs_teacher=True,
+                )
     try:
         exp = Experiment.from_config(cfg)
         if faults & {"empty", "bad-labels"}:
@@ -150,9 +168,9 @@ def train(msg: Message, context: Context) -> Message:
         model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
         held = site_classes(exp, task, site, model.num_classes)
         teacher = None
-        if "teacher" in msg.content.array_records:
+        if teacher_state is not None:
             teacher = exp.build_model()
-            teacher.load_state_dict(msg.content["teacher"].to_torch_state_dict())
+            teacher.load_state_dict(teacher_state)
             teacher.eval()
         class_means = None
         if "means" in msg.content.array_records and task > 0:
@@ -205,14 +223,19 @@ def site_classes(exp: Experiment, task: int, site: int, announced: int) -> list[
     return held
 
 
-def problem_reply(msg: Message, site: int, reason: str) -> Message:
-    """A reply that tells the server this site has nothing sound to give this round."""
+def problem_reply(
+    msg: Message, site: int, reason: str, needs_teacher: bool = False
+) -> Message:
+    """A reply that tells the server this site has nothing sound to give this round
+    (with `needs_teacher`: not without the task's teacher, which it lost)."""
     log.debug(traceback.format_exc())
     content = RecordDict(
         {
             "arrays": ArrayRecord(),
             "metrics": MetricRecord({"site": site, "num-examples": 0}),
-            "problem": ConfigRecord({"reason": reason[:500]}),
+            "problem": ConfigRecord(
+                {"reason": reason[:500], "needs-teacher": needs_teacher}
+            ),
         }
     )
     return Message(content=content, reply_to=msg)

@@ -2,8 +2,9 @@
 
 `strategy.start()` cannot change the model between rounds, so this app owns the round
 loop: at each task boundary it freezes the global model as the teacher and grows the
-head by the task's classes; every round it sends model, teacher, shared class means
-and the run's config to the sites, screens the replies (server/checks.py), and lets
+head by the task's classes; every round it sends model, shared class means and the
+run's config to the sites, and the teacher to each site that does not hold it yet
+(once per task, again only to a site that lost it), screens the replies (server/checks.py), and lets
 a Flower strategy (FedAvg, FedMedian, FedTrimmedAvg, Krum, optionally wrapped for
 central DP) aggregate the sound ones. A round with too few sound replies is sent
 again once, then the run stops with the model as it was; after every completed round
@@ -43,6 +44,7 @@ from fl_ci.checkpoint import (
 )
 from fl_ci.config import Config
 from fl_ci.experiment import Experiment, evaluate, grow_for_task
+from fl_ci.methods.base import model_hash
 from fl_ci.privacy import central_dp_summary
 from fl_ci.recorder import Recorder
 from fl_ci.results import write_json
@@ -147,6 +149,7 @@ def run_server(
     retries = cfg.federation.retries
     needed = max(cfg.federation.min_sites, 1)
     site_by_node: dict[int, int] = {}  # learnt from replies: names a failed node's site
+    sent_teacher: TeacherCopies | None = None
     rounds = cfg.rounds_per_task
     for task, classes in enumerate(exp.tasks):
         first = task * rounds + 1
@@ -165,8 +168,10 @@ def run_server(
             if faults:
                 base["faults"] = faults
             extra: dict[str, ArrayRecord] = {}  # the same for every attempt
-            if teacher is not None:
-                extra["teacher"] = ArrayRecord(torch_state_dict=teacher.state_dict())
+            if teacher is not None and (
+                sent_teacher is None or sent_teacher.model is not teacher
+            ):
+                sent_teacher = TeacherCopies(teacher)
             if means is not None:
                 extra["means"] = means_record(means)
             collected = RoundReplies()
@@ -182,6 +187,7 @@ def run_server(
                     announced_classes=model.num_classes,
                     max_norm_ratio=cfg.federation.max_norm_ratio,
                     site_by_node=site_by_node,
+                    teacher=sent_teacher if teacher is not None else None,
                 )
                 for note in collected.left_out:
                     _say(f"round {server_round}: left out {note}")
@@ -292,6 +298,40 @@ class RoundReplies:
     bytes_received: int = 0
 
 
+class TeacherCopies:
+    """The frozen end-of-task model and the nodes known to hold it.
+
+    A site keeps the teacher in its store for the whole task, so it travels once per
+    task rather than every round (it is as large as the model). A node that answered
+    a message carrying it holds it; a node that lost it (a restarted site) replies
+    `needs-teacher` and is sent the round again with it."""
+
+    def __init__(self, teacher: torch.nn.Module) -> None:
+        self.model = teacher
+        self.id = model_hash(teacher)
+        self.record = ArrayRecord(torch_state_dict=teacher.state_dict())
+        self.holders: set[int] = set()
+
+    def message(self, content: RecordDict, node: int, force: bool = False) -> Message:
+        """`content` for `node`, with the teacher's id, and the teacher itself if the
+        node may not hold it."""
+        content = copy.copy(content)
+        config = ConfigRecord(dict(content["config"]))
+        config["teacher-id"] = self.id
+        content["config"] = config
+        if force or node not in self.holders:
+            content["teacher"] = self.record
+        return Message(content=content, dst_node_id=node, message_type="train")
+
+
+def needs_teacher(reply: Message) -> bool:
+    return (
+        not reply.has_error()
+        and "problem" in reply.content.config_records
+        and bool(reply.content["problem"].get("needs-teacher", False))
+    )
+
+
 def collect(
     grid: Grid,
     content: RecordDict,
@@ -301,15 +341,33 @@ def collect(
     announced_classes: int,
     max_norm_ratio: float,
     site_by_node: dict[int, int],
+    teacher: TeacherCopies | None = None,
 ) -> None:
-    """Send `content` to every connected node (a restarted SuperNode may have a new
-    id), screen the replies and record the attempt in `into`."""
+    """Send `content` (and the teacher where needed) to every connected node (a
+    restarted SuperNode may have a new id), screen the replies and record the
+    attempt in `into`."""
     nodes = sorted(grid.get_node_ids())
-    messages = [
-        Message(content=copy.copy(content), dst_node_id=node, message_type="train")
-        for node in nodes
-    ]
+    if teacher is None:
+        messages = [
+            Message(content=copy.copy(content), dst_node_id=node, message_type="train")
+            for node in nodes
+        ]
+    else:
+        messages = [teacher.message(content, node) for node in nodes]
     replies = list(grid.send_and_receive(messages, timeout=timeout))
+    if teacher is not None:
+        for reply in replies:
+            if not reply.has_error() and not needs_teacher(reply):
+                teacher.holders.add(reply.metadata.src_node_id)
+        lost = [r.metadata.src_node_id for r in replies if needs_teacher(r)]
+        if lost:  # the same round again, now with the teacher, to those nodes only
+            again = [teacher.message(content, node, force=True) for node in lost]
+            messages += again
+            replies = [r for r in replies if not needs_teacher(r)]
+            replies += list(grid.send_and_receive(again, timeout=timeout))
+            for reply in replies:
+                if not reply.has_error() and reply.metadata.src_node_id in lost:
+                    teacher.holders.add(reply.metadata.src_node_id)
     learn_sites(replies, site_by_node)
     into.good, into.rejected = screen_replies(
         replies,

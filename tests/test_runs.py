@@ -61,7 +61,7 @@ def test_bad_override_is_one_clear_error(tmp_path, capsys):
 def test_two_sites_through_flower_simulation(tmp_path):
     from simulations.federated import run_federated
 
-    cfg = Config.from_dict({**TINY, "sites": 2})
+    cfg = Config.from_dict({**TINY, "sites": 2, "rounds_per_task": 2})
     run_federated(cfg, tmp_path, progress=False)
     _check_outputs(tmp_path, sites=2)
     state = torch.load(tmp_path / "model.pt", weights_only=True)
@@ -71,6 +71,10 @@ def test_two_sites_through_flower_simulation(tmp_path):
     val = [r for r in rows if r["split"] == "val"]
     assert all(r["sites_aggregated"] == 2 for r in val)
     assert all(r["bytes_sent"] > 0 for r in val)
+    # the teacher (as large as the model) travels in a task's first round only
+    sent = {(r["task"], r["round"]): r["bytes_sent"] for r in val}
+    assert sent[(1, 0)] > 1.6 * sent[(1, 1)]
+    assert sent[(1, 1)] < 1.2 * sent[(0, 1)]
     # each site kept its own impressions for task 1
     for site in (0, 1):
         assert list((tmp_path / f"sites/site-{site}").glob("impressions-task1-*.pt"))

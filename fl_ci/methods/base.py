@@ -60,6 +60,15 @@ class SiteStore:
             return
         atomic_torch_save(value, self.root / f"{key}.pt")
 
+    def prune(self, prefix: str, keep: str) -> None:
+        """Forget every value whose key starts with `prefix`, except `keep`."""
+        for key in [k for k in self._memory if k.startswith(prefix) and k != keep]:
+            del self._memory[key]
+        if self.root is not None:
+            for path in self.root.glob(f"{prefix}*.pt"):
+                if path.stem != keep:
+                    path.unlink(missing_ok=True)
+
 
 def model_hash(model: torch.nn.Module) -> str:
     """Short content hash of a state dict: keys cached impressions to their teacher."""
