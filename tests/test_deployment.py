@@ -6,13 +6,13 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from flower_processes import free_port, wait_healthy
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -22,26 +22,6 @@ RUN_CONFIG = (
     "data.frames=2 synthesis.iterations=5 synthesis.per_class=4 "
     "synthesis.min_mean_count=1 partition.scheme='iid' federation.timeout=300.0"
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(port: int, timeout: float = 60.0) -> None:
-    import httpx  # ships with flwr
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1.0).is_success:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError(f"SuperLink on port {port} not healthy after {timeout} s")
 
 
 @pytest.mark.slow
@@ -58,7 +38,7 @@ def test_superlink_and_two_supernodes_complete_a_run(tmp_path):
         "FLWR_TELEMETRY_ENABLED": "0",
     }
     home = lambda name: {**env, "FLWR_HOME": str(tmp_path / name / "home")}  # noqa: E731
-    link_port = _free_port()
+    link_port = free_port()
     procs: list[subprocess.Popen] = []
     logs = []
 
@@ -94,7 +74,7 @@ def test_superlink_and_two_supernodes_complete_a_run(tmp_path):
                 str(link_port),
             ],
         )
-        _wait_healthy(link_port)
+        wait_healthy(link_port)
         for site in range(2):
             start(
                 f"site{site}",
@@ -104,7 +84,7 @@ def test_superlink_and_two_supernodes_complete_a_run(tmp_path):
                     "--superlink",
                     f"127.0.0.1:{link_port}",
                     "--port",
-                    str(_free_port()),
+                    str(free_port()),
                     "--node-config",
                     f"partition-id={site} num-partitions=2",
                 ],

@@ -1,0 +1,106 @@
+"""Helpers shared by the deployment tests: free ports, the Flower environment, waiting
+for a SuperLink to answer, Flower processes started with their logs and stopped by PID.
+
+Imported as `flower_processes` (pytest puts `tests/` on `sys.path`).
+"""
+
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+FLOWER_ENV = {
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def flower_env(home: Path) -> dict[str, str]:
+    """The environment for a Flower process whose FLWR_HOME is `home`."""
+    return {
+        **os.environ,
+        "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
+        **FLOWER_ENV,
+        "FLWR_HOME": str(home),
+    }
+
+
+def wait_healthy(port: int, timeout: float = 60.0, ca: Path | None = None) -> None:
+    """Wait for the SuperLink's /health; over HTTPS, trusting only `ca`, when given."""
+    import httpx  # ships with flwr
+
+    url = f"{'https' if ca else 'http'}://127.0.0.1:{port}/health"
+    verify = ssl.create_default_context(cafile=str(ca)) if ca else True
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if httpx.get(url, timeout=1.0, verify=verify).is_success:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"SuperLink on port {port} not healthy after {timeout} s")
+
+
+def write_cli_config(home: Path, address: str, root_certificates: Path | None) -> None:
+    """FLWR_HOME/config.toml with one connection, `test`: TLS trusting
+    `root_certificates` when given, else insecure."""
+    home.mkdir(parents=True, exist_ok=True)
+    transport = (
+        f"root-certificates = {json.dumps(str(root_certificates))}\n"
+        if root_certificates
+        else "insecure = true\n"
+    )
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "test"\n\n[superlink.test]\n'
+        f'address = "{address}"\n{transport}'
+    )
+
+
+class FlowerProcesses:
+    """Processes started in their own folder with their output in `folder/log.txt`;
+    `stop()` ends each one still running by its PID, the last started first."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.procs: list[subprocess.Popen] = []
+        self._logs = []
+
+    def start(self, name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
+        folder = self.root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        log = open(folder / "log.txt", "wb")
+        self._logs.append(log)
+        proc = subprocess.Popen(
+            cmd, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+        self.procs.append(proc)
+        return proc
+
+    def log(self, name: str) -> str:
+        return (self.root / name / "log.txt").read_text(errors="replace")
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(15)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+        for log in self._logs:
+            log.close()
