@@ -84,11 +84,15 @@ def image_l2(x: Tensor) -> Tensor:
 
 
 def lr_at(step: int, cfg: SynthesisConfig) -> float:
-    """Learning rate of `step` (from 0): linear warm-up to cfg.lr, then cosine to 0."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    span = max(cfg.iterations - cfg.warmup, 1)
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup) / span))
+    """Learning rate of `step` (from 0): linear warm-up to cfg.lr, then cosine to 0.
+
+    The warm-up is at most a fifth of the iterations (upstream: 100 of 2000-5000), so a
+    short CPU-sized run still reaches its learning rate and decays."""
+    warmup = min(cfg.warmup, cfg.iterations // 5)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    span = max(cfg.iterations - warmup, 1)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / span))
 
 
 def synthesize(
