@@ -7,8 +7,9 @@ SuperNode per site), then reads the run's metrics.parquet: per round the server'
 `round_seconds` (send to last reply; evaluation excluded), `bytes_sent` and
 `bytes_received` (array payloads, all sites together). The first round also pays
 for Ray's actors starting and importing the client app, so it is reported apart.
-Without SCENARIO: echo-federated's small CPU variant (`data.patients=12`,
-`synthesis.iterations=50`); `--set` goes on top.
+Without SCENARIO: echo-federated's small CPU variant, the README's main job
+(`data.patients=30`, `rounds_per_task=2`, `synthesis.iterations=100`,
+`synthesis.per_class=20`); `--set` goes on top.
 
 Also timed once in this process: `Experiment.from_config` (loading or generating the
 data), which every site repeats at every round (client/app.py).
@@ -33,7 +34,12 @@ from benchmarks.common import (
 )
 
 DEFAULT_SCENARIO = "echo-federated"
-SMALL = ["data.patients=12", "synthesis.iterations=50"]
+SMALL = [  # the README's main job
+    "data.patients=30",
+    "rounds_per_task=2",
+    "synthesis.iterations=100",
+    "synthesis.per_class=20",
+]
 
 
 def _stats(values: list[float]) -> dict[str, float | None]:
