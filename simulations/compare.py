@@ -53,6 +53,7 @@ def ablation_overrides(variant: str) -> dict[str, Any]:
         "no_distill": {"ci.distill_weight": 0.0},
         "random_init": {"synthesis.init": "random"},
         "linear_head": {"head": "linear"},
+        "no_imprint": {"ci.imprint": False},
     }
     if variant not in table:
         raise ConfigError(

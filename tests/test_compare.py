@@ -78,6 +78,7 @@ def test_ablation_names_map_to_config_overrides():
     assert method_config(
         Config(), "class_impression:random_init", 0
     ).synthesis.init == ("random")
+    assert not method_config(Config(), "class_impression:no_imprint", 0).ci.imprint
 
 
 def test_unknown_ablation_and_method_are_refused():
