@@ -167,6 +167,8 @@ def train(msg: Message, context: Context) -> Message:
         model = exp.build_model()
         model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
         held = site_classes(exp, task, site, model.num_classes)
+        for problem in exp.splits.skipped[:20]:
+            log.warning("site %d skipped: %s", site, problem)
         teacher = None
         if teacher_state is not None:
             teacher = exp.build_model()
@@ -201,6 +203,8 @@ def train(msg: Message, context: Context) -> Message:
                     "classes": held,
                     **{k: float(v) for k, v in metrics.items()},
                     "num-examples": int(metrics["num_examples"]),
+                    # bad manifest rows / cines left out (data.skip_bad), named in the log
+                    "skipped-items": len(exp.splits.skipped),
                 }
             ),
         }

@@ -28,6 +28,9 @@ class DataConfig:
     image_size: int = 0  # side length fed to the model (0: the dataset's default)
     val_fraction: float = 0.1  # share of training data held out for model selection
     cache_dir: str = ""  # where decoded echo frames are cached ("": beside the data)
+    # echo manifests: leave out bad rows and undecodable cines and list them (a site
+    # goes on and reports them) instead of stopping with the list
+    skip_bad: bool = False
     # procedural echo (`dataset = "echo-synth"`)
     patients: int = 60  # patients per device
     devices: int = 3

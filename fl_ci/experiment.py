@@ -62,7 +62,8 @@ class Experiment:
         final_order = [c for t in tasks_ds for c in t]
         rank = {c: i for i, c in enumerate(final_order)}
         splits = Splits(
-            *(relabel(s, final_order) for s in (raw.train, raw.val, raw.test))
+            *(relabel(s, final_order) for s in (raw.train, raw.val, raw.test)),
+            skipped=raw.skipped,
         )
         tasks, start = [], 0
         for t in tasks_ds:

@@ -215,6 +215,13 @@ def run_server(
                     )
                 )
             good, rejected = collected.good, collected.rejected
+            for reply in good:
+                skipped = int(reply.content["metrics"].get("skipped-items", 0))
+                if skipped:
+                    _say(
+                        f"round {server_round}: site {site_of(reply)} left out "
+                        f"{skipped} bad data item(s) (named in its log)"
+                    )
             seconds = time.perf_counter() - started
             num_examples = int(sum(r.content["metrics"]["num-examples"] for r in good))
             new_state = aggregate(strategy, server_round, good, sent)

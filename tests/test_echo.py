@@ -332,3 +332,33 @@ def test_split_unknown_patients_are_one_group_each() -> None:
 def test_split_rejects_bad_fractions() -> None:
     with pytest.raises(ValueError, match="fractions"):
         split_by_patient(_toy({0: [0]}), fractions=(0.5, 0.5, 0.5))
+
+
+def test_site_mode_skips_a_corrupt_cine_and_names_it(tmp_path: Path) -> None:
+    np.save(tmp_path / "ok.npy", np.zeros((1, 4, 4), dtype=np.uint8))
+    (tmp_path / "bad.dcm").write_bytes(b"this is not a DICOM file")
+    write_manifest(tmp_path, ["ok.npy,A2C,p1", "bad.dcm,A3C,p2"])
+    data = load_echo_manifest(tmp_path, image_size=4, frames=1, skip_bad=True)
+    assert data.labels.tolist() == [0] and data.patient_names == ["p1"]
+    assert len(data.skipped) == 1 and "row 2: cannot decode" in data.skipped[0]
+
+
+def test_site_mode_skips_unreadable_manifest_rows_and_names_them(
+    tmp_path: Path,
+) -> None:
+    np.save(tmp_path / "ok.npy", np.zeros((1, 4, 4), dtype=np.uint8))
+    write_manifest(
+        tmp_path, ["ok.npy,A2C,p1", "ok.npy,XYZ,p1", "gone.npy,A2C,p2", "ok.npy,A4C,p3"]
+    )
+    data = load_echo_manifest(tmp_path, image_size=4, frames=1, skip_bad=True)
+    assert data.labels.tolist() == [0, 2]
+    assert len(data.skipped) == 2
+    assert "row 2 " in data.skipped[0] and "unknown view 'XYZ'" in data.skipped[0]
+    assert "row 3: file not found" in data.skipped[1]
+
+
+def test_site_mode_with_no_usable_row_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "bad.dcm").write_bytes(b"not DICOM")
+    write_manifest(tmp_path, ["bad.dcm,A2C,p1"])
+    with pytest.raises(DataError, match="no usable row"):
+        load_echo_manifest(tmp_path, image_size=4, frames=1, skip_bad=True)

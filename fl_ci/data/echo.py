@@ -44,6 +44,7 @@ class EchoData(ImageData):
 
     patient_names: list[str] = field(default_factory=list)
     device_names: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # bad rows left out, and why
 
 
 @dataclass(frozen=True)
@@ -123,9 +124,10 @@ def _read_manifest(root: Path) -> tuple[Path, list[dict[str, str]], list[str]]:
 
 
 def _check_manifest(
-    manifest: Path, rows: list[dict[str, str]], columns: list[str]
-) -> list[_Row]:
-    """All rows as `_Row`s, or one DataError listing every bad row."""
+    manifest: Path, rows: list[dict[str, str]], columns: list[str], skip_bad: bool
+) -> tuple[list[_Row], list[str]]:
+    """The sound rows as `_Row`s and the problems of the others; unless `skip_bad`,
+    one DataError listing every bad row."""
     missing = [c for c in _REQUIRED if c not in columns]
     if missing:
         raise DataError(
@@ -139,6 +141,7 @@ def _check_manifest(
     out, problems = [], []
     for number, r in enumerate(rows, start=1):
         where = f"{manifest} row {number}"
+        before = len(problems)
         view = r["view"].upper()
         if not r["path"]:
             problems.append(f"{where}: empty path")
@@ -157,13 +160,14 @@ def _check_manifest(
         site = r["site"] if has_site else ""
         dev = r["device"] if has_device else ""
         device = f"{site}/{dev}" if site and dev else site or dev
-        label = ECHO_VIEWS.index(view) if view in ECHO_VIEWS else -1
-        out.append(_Row(number, file, label, r["patient_id"], device))
-    if problems:
+        if len(problems) > before:
+            continue
+        out.append(_Row(number, file, ECHO_VIEWS.index(view), r["patient_id"], device))
+    if problems and not skip_bad:
         shown = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
         raise DataError(f"{manifest}: {len(problems)} problem(s):\n  {shown}{more}")
-    return out
+    return out, problems
 
 
 def _to_uint8_scale(arr: np.ndarray) -> np.ndarray:
@@ -330,6 +334,7 @@ def load_echo_manifest(
     frames: int = 8,
     max_per_class: int = 0,
     cache_dir: str | os.PathLike | None = None,
+    skip_bad: bool = False,
 ) -> EchoData:
     """Load the cines listed in `root/manifest.{csv,parquet}` as grayscale uint8.
 
@@ -339,7 +344,9 @@ def load_echo_manifest(
     cached in `cache_dir` (default `root/.fl_ci_cache`; "" means the default), keyed by
     file path, size, mtime, `image_size` and `frames`. The whole manifest is checked
     (columns, views, patient ids, files exist) before anything is decoded; errors
-    name the file and the manifest row (counted from 1, header excluded).
+    name the file and the manifest row (counted from 1, header excluded). With
+    `skip_bad`, bad rows and cines that cannot be decoded are left out instead and
+    listed in the result's `skipped` (a site goes on with the rest and reports them).
     """
     if image_size < 1 or frames < 1 or max_per_class < 0:
         raise ValueError(
@@ -348,7 +355,7 @@ def load_echo_manifest(
         )
     root = Path(root)
     manifest, raw_rows, columns = _read_manifest(root)
-    rows = _check_manifest(manifest, raw_rows, columns)
+    rows, skipped = _check_manifest(manifest, raw_rows, columns, skip_bad)
     if max_per_class > 0:
         kept: dict[int, int] = {}
         chosen = []
@@ -359,7 +366,7 @@ def load_echo_manifest(
         rows = chosen
     cache = Path(cache_dir) if cache_dir else root / ".fl_ci_cache"
     shape = (frames, image_size, image_size)
-    cines = []
+    cines, decoded = [], []
     for r in rows:
         entry = _cache_file(cache, r.file, image_size, frames)
         arr = _load_cached(entry, shape)
@@ -367,12 +374,22 @@ def load_echo_manifest(
             try:
                 arr = _decode(r.file, frames, image_size)
             except Exception as e:  # decoders raise many types; all mean "unusable"
-                raise DataError(
+                problem = (
                     f"{manifest} row {r.number}: cannot decode {r.file} "
                     f"({type(e).__name__}: {e})"
-                ) from e
+                )
+                if not skip_bad:
+                    raise DataError(problem) from e
+                skipped.append(problem)
+                continue
             _save_cached(entry, arr)
         cines.append(torch.from_numpy(arr))
+        decoded.append(r)
+    rows = decoded
+    if not rows:
+        raise DataError(
+            f"{manifest}: no usable row; {len(skipped)} skipped, first: {skipped[:3]}"
+        )
     patient_names = sorted({r.patient for r in rows})
     device_names = sorted({r.device for r in rows if r.device})
     pid = {p: i for i, p in enumerate(patient_names)}
@@ -389,6 +406,7 @@ def load_echo_manifest(
         class_names=list(ECHO_VIEWS),
         patient_names=patient_names,
         device_names=device_names,
+        skipped=skipped,
     )
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,6 +27,7 @@ class Splits:
     train: ImageData
     val: ImageData
     test: ImageData
+    skipped: list[str] = field(default_factory=list)  # bad items left out (skip_bad)
 
     @property
     def class_names(self) -> list[str]:
@@ -64,6 +65,7 @@ def load_splits(cfg: Config) -> Splits:
             image_size=d.image_size or 64,
             frames=d.frames,
             cache_dir=d.cache_dir or None,
+            skip_bad=d.skip_bad,
         )
     elif cfg.dataset == "echo-synth":
         from fl_ci.data.echo_synth import make_echo_synth
@@ -90,7 +92,7 @@ def load_splits(cfg: Config) -> Splits:
         train, val, test = (
             first_per_class(s, d.max_per_class) for s in (train, val, test)
         )
-    return Splits(train, val, test)
+    return Splits(train, val, test, skipped=list(getattr(data, "skipped", [])))
 
 
 def split_validation(train: ImageData, fraction: float, seed: int):
