@@ -1,5 +1,6 @@
 """Helpers shared by the deployment tests: free ports, the Flower environment, waiting
-for a SuperLink to answer, Flower processes started with their logs and stopped by PID.
+for a SuperLink to answer, the `flwr` CLI and a run's status, Flower processes started
+with their logs and stopped by PID.
 
 Imported as `flower_processes` (pytest puts `tests/` on `sys.path`).
 """
@@ -70,6 +71,40 @@ def write_cli_config(home: Path, address: str, root_certificates: Path | None) -
     )
 
 
+def flwr_json(env: dict[str, str], cwd: Path, *args: str, timeout: float = 60) -> dict:
+    """`flwr ARGS --format json` with the CLI environment `env`; must exit 0."""
+    done = subprocess.run(
+        ["flwr", *args, "--format", "json"],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads(done.stdout)
+
+
+def wait_for_run(
+    env: dict[str, str],
+    cwd: Path,
+    run_id: int,
+    procs: "FlowerProcesses",
+    timeout: float,
+) -> dict:
+    """The run as `flwr ls` lists it once finished (or at `timeout`): `flwr run`
+    exits 0 even when the ServerApp failed, so its status is what counts. Every
+    process in `procs` must stay up meanwhile."""
+    run, deadline = {"status": "?"}, time.time() + timeout
+    while time.time() < deadline:
+        run = flwr_json(env, cwd, "ls", "test", "--run-id", str(run_id))["runs"][0]
+        if run["status"].startswith("finished"):
+            break
+        procs.assert_running()
+        time.sleep(2)
+    return run
+
+
 class FlowerProcesses:
     """Processes started in their own folder with their output in `folder/log.txt`;
     `stop()` ends each one still running by its PID, the last started first."""
@@ -92,6 +127,10 @@ class FlowerProcesses:
 
     def log(self, name: str) -> str:
         return (self.root / name / "log.txt").read_text(errors="replace")
+
+    def assert_running(self) -> None:
+        dead = [p for p in self.procs if p.poll() is not None]
+        assert not dead, f"a Flower process died: {[p.args for p in dead]}"
 
     def stop(self) -> None:
         for p in reversed(self.procs):

@@ -27,7 +27,9 @@ from flower_processes import (
     BIN,
     FlowerProcesses,
     flower_env,
+    flwr_json,
     free_port,
+    wait_for_run,
     wait_healthy,
     write_cli_config,
 )
@@ -102,16 +104,7 @@ class Federation:
     registered: dict[str, int]  # key name -> node id it was registered with
 
     def flwr(self, *args: str, timeout: float = 60) -> dict:
-        done = subprocess.run(
-            ["flwr", *args, "--format", "json"],
-            env=self.cli,
-            cwd=self.root,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        assert done.returncode == 0, done.stdout + done.stderr
-        return json.loads(done.stdout)
+        return flwr_json(self.cli, self.root, *args, timeout=timeout)
 
     def nodes(self) -> dict[int, str]:
         """node id -> status, as the SuperLink lists them."""
@@ -216,15 +209,8 @@ def test_registered_supernode_joins_over_tls_and_completes_a_run(federation):
             f"{RUN_CONFIG} out='{out}' progress=false",
             timeout=120,
         )
-        run_id = started["run-id"]
-        run, deadline = {"status": "?"}, time.time() + 180
-        while time.time() < deadline:
-            run = fed.flwr("ls", "test", "--run-id", str(run_id))["runs"][0]
-            if run["status"].startswith("finished"):
-                break
-            assert node.poll() is None, procs.log("hospital-1")
-            time.sleep(2)
-        assert run["status"] == "finished:completed", run
+        run = wait_for_run(fed.cli, fed.root, started["run-id"], procs, timeout=180)
+        assert run["status"] == "finished:completed", (run, procs.log("hospital-1"))
         summary = json.loads((out / "summary.json").read_text())
         assert summary["sites"] == 1 and summary["tasks_completed"] == 1
     finally:
