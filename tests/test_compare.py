@@ -3,7 +3,6 @@
 import math
 
 import pytest
-import torch
 
 from fl_ci.config import Config, ConfigError
 from fl_ci.results import read_metrics
@@ -25,13 +24,7 @@ frames = 2
 """
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny tensors: a second OpenMP thread only adds spin-waiting, badly so under load.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_two_methods_two_seeds_write_table_plot_and_rows(tmp_path):

@@ -47,13 +47,7 @@ def bright_channel_batch(n: int, generator: torch.Generator):
     return x + 2 * F.one_hot(y, 3).float()[:, :, None, None], y
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny tensors: a second OpenMP thread only adds spin-waiting, badly so under load.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
