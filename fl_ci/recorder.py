@@ -115,11 +115,14 @@ class Recorder:
             "config": self.cfg.to_flat(),
         }
 
-    def write(self, out: str | Path) -> dict[str, Any]:
-        """Write every output file (each atomically) and return the summary."""
+    def write(
+        self, out: str | Path, extra: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Write every output file (each atomically) and return the summary, with
+        `extra` fields (e.g. the privacy spent) added to it."""
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        summary = self.summary()
+        summary = {**self.summary(), **(extra or {})}
         write_metrics(self.rows, out / "metrics.parquet")
         write_json(summary, out / "summary.json")
         done = summary["tasks_completed"]

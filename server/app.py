@@ -47,7 +47,6 @@ from fl_ci.experiment import Experiment, evaluate, grow_for_task
 from fl_ci.methods.base import model_hash
 from fl_ci.privacy import central_dp_summary
 from fl_ci.recorder import Recorder
-from fl_ci.results import write_json
 from fl_ci.synthesis import ClassMeans
 from server.checks import Rejected, screen_replies, site_of
 from server.strategies import build_strategy, is_dp
@@ -187,7 +186,7 @@ def run_server(
                     announced_classes=model.num_classes,
                     max_norm_ratio=cfg.federation.max_norm_ratio,
                     site_by_node=site_by_node,
-                    teacher=sent_teacher if teacher is not None else None,
+                    teacher=sent_teacher,
                 )
                 for note in collected.left_out:
                     _say(f"round {server_round}: left out {note}")
@@ -275,16 +274,15 @@ def run_server(
                 recorder=recorder,
                 stop_after_round=stop_after_round,
             )
-    summary = recorder.write(out)
+    privacy = None
     if is_dp(strategy):  # site-level privacy spent, over every aggregated round
         aggregated = [
             r["sites_aggregated"] for r in recorder.rows if r["split"] == "val"
         ]
-        fed_dp = central_dp_summary(
+        privacy = central_dp_summary(
             cfg.federation.dp_noise_multiplier, cfg.sites, aggregated
         )
-        summary.update(fed_dp)
-        write_json(summary, out / "summary.json")
+    summary = recorder.write(out, extra=privacy)
     atomic_torch_save(model.state_dict(), out / "model.pt")
     summary["table"] = recorder.table()
     return summary
@@ -363,18 +361,17 @@ def collect(
         messages = [teacher.message(content, node) for node in nodes]
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     if teacher is not None:
-        for reply in replies:
-            if not reply.has_error() and not needs_teacher(reply):
-                teacher.holders.add(reply.metadata.src_node_id)
         lost = [r.metadata.src_node_id for r in replies if needs_teacher(r)]
         if lost:  # the same round again, now with the teacher, to those nodes only
             again = [teacher.message(content, node, force=True) for node in lost]
             messages += again
             replies = [r for r in replies if not needs_teacher(r)]
             replies += list(grid.send_and_receive(again, timeout=timeout))
-            for reply in replies:
-                if not reply.has_error() and reply.metadata.src_node_id in lost:
-                    teacher.holders.add(reply.metadata.src_node_id)
+        teacher.holders.update(
+            r.metadata.src_node_id
+            for r in replies
+            if not r.has_error() and not needs_teacher(r)
+        )
     learn_sites(replies, site_by_node)
     into.good, into.rejected = screen_replies(
         replies,
