@@ -27,6 +27,10 @@ class DataConfig:
     max_per_class: int = 0  # subsample each class of each split for quick runs (0: all)
     image_size: int = 0  # side length fed to the model (0: the dataset's default)
     val_fraction: float = 0.1  # share of training data held out for model selection
+    # share of the training split set aside as the sites' unlabelled exams (by patient
+    # for echo, per class for CIFAR); the method never reads their labels, and
+    # `ci.target = "unlabelled"` makes them the contrastive target
+    unlabelled_fraction: float = 0.0
     cache_dir: str = ""  # where decoded echo frames are cached ("": beside the data)
     # echo manifests: leave out bad rows and undecodable cines and list them (a site
     # goes on and reports them) instead of stopping with the list
@@ -83,7 +87,11 @@ class ClassImpressionConfig:
     class_weights: bool = True  # CE class weights max_j n_j / n_c
     freeze_old: bool = True  # keep the old head rows fixed
     imprint: bool = True  # new-class rows from mean teacher features
-    transductive: bool = False  # contrastive target = the test images (paper's choice)
+    # contrastive target (eq. 6), unlabelled by the method: task_data = the site's own
+    # task images | unlabelled = its unlabelled exams (data.unlabelled_fraction) of the
+    # views it performs | test = the test images of every class seen (the paper's
+    # transductive choice, reported as such)
+    target: str = "task_data"
 
 
 @dataclass(frozen=True)
@@ -230,6 +238,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "partition.scheme": ("iid", "dirichlet", "device", "schedule"),
     "synthesis.init": ("mean", "random"),
     "ci.contrastive_form": ("pooled", "per_class"),
+    "ci.target": ("task_data", "unlabelled", "test"),
     "federation.strategy": ("fedavg", "median", "trimmed_mean", "krum"),
 }
 _POSITIVE = {
@@ -256,6 +265,7 @@ _NON_NEGATIVE = {
 }  # fmt: skip
 _UNIT = {
     "data.val_fraction",
+    "data.unlabelled_fraction",
     "ci.synthetic_ratio",
     "ci.rho",
     "federation.fraction_train",

@@ -40,6 +40,7 @@ class Experiment:
     tasks: list[list[int]]
     schedule: dict[int, dict[int, int]] = field(default_factory=dict)
     _parts: dict[int, list[torch.Tensor]] = field(default_factory=dict, repr=False)
+    _pool_parts: list[torch.Tensor] | None = field(default=None, repr=False)
 
     @classmethod
     def from_config(cls, cfg: Config) -> Experiment:
@@ -63,6 +64,11 @@ class Experiment:
         rank = {c: i for i, c in enumerate(final_order)}
         splits = Splits(
             *(relabel(s, final_order) for s in (raw.train, raw.val, raw.test)),
+            unlabelled=(
+                relabel(raw.unlabelled, final_order)
+                if raw.unlabelled is not None
+                else None
+            ),
             skipped=raw.skipped,
         )
         tasks, start = [], 0
@@ -139,15 +145,66 @@ class Experiment:
         return task_rows, self._parts[task]
 
     def unlabelled(self, task: int, site: int, data: ImageData) -> ImageData:
-        """Contrastive target: the site's own task images (labels unused), or, with
-        `ci.transductive`, the test images of every class seen (the paper's choice,
-        reported as such)."""
-        if self.cfg.ci.transductive:
+        """The contrastive target at `site` (`ci.target`); the method never reads its
+        labels. task_data: the site's own task images. unlabelled: the site's share
+        of the unlabelled exams, of the classes it has received by `task` (a hospital
+        images only the views it performs). test: the test images of every class seen
+        (the paper's transductive choice, reported as such)."""
+        target = self.cfg.ci.target
+        if target == "test":
             return self.test_data(task)
-        return data
+        if target == "task_data":
+            return data
+        pool = self.splits.unlabelled
+        if pool is None or len(pool) == 0:
+            raise ConfigError(
+                "config key 'ci.target' = 'unlabelled' needs unlabelled exams: set "
+                "'data.unlabelled_fraction' above 0"
+            )
+        if self._pool_parts is None:
+            self._pool_parts = split_exams(pool, self.cfg)
+        mine = pool.subset(self._pool_parts[site])
+        mine = mine.of_classes(self.site_classes(task, site))
+        if len(mine) == 0:
+            log.warning(
+                "site %d, task %d: no unlabelled exams of its classes; the contrastive "
+                "target falls back to its task images",
+                site,
+                task,
+            )
+            return data
+        return mine
+
+    def site_classes(self, task: int, site: int) -> list[int]:
+        """Classes `site` has received labelled data of by `task` (its schedule)."""
+        return [
+            c
+            for c in range(self.seen(task))
+            if c not in self.schedule or self.schedule[c].get(site, task + 1) <= task
+        ]
 
     def test_data(self, task: int) -> ImageData:
         return self.splits.test.of_classes(list(range(self.seen(task))))
+
+
+def split_exams(pool: ImageData, cfg: Config) -> list[torch.Tensor]:
+    """Rows of each site's unlabelled exams: whole patients (an exam belongs to one
+    hospital), by device under `partition.scheme = "device"`, else at random (seeded).
+    Rows without a patient id count as one patient each."""
+    if cfg.partition.scheme == "device":
+        return partition_task(
+            pool.labels, pool.devices, cfg.sites, cfg.partition, task=0, seed=cfg.seed
+        )
+    keys = pool.patients.clone()
+    unknown = keys < 0
+    keys[unknown] = -1 - torch.arange(int(unknown.sum()))
+    patients, group = torch.unique(keys, return_inverse=True)
+    generator = torch.Generator().manual_seed(cfg.seed + 1)
+    shuffled = torch.randperm(len(patients), generator=generator)
+    site_of = torch.empty(len(patients), dtype=torch.long)
+    for site, chunk in enumerate(torch.tensor_split(shuffled, cfg.sites)):
+        site_of[chunk] = site
+    return [torch.nonzero(site_of[group] == s).flatten() for s in range(cfg.sites)]
 
 
 # ----- the server's side -------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""From a config to the three splits of one dataset, relabelled into arrival order."""
+"""From a config to the splits of one dataset (train, validation, test and, when asked
+for, unlabelled exams), relabelled into arrival order."""
 
 from __future__ import annotations
 
@@ -22,11 +23,13 @@ def dataset_num_classes(name: str) -> int:
 
 @dataclass
 class Splits:
-    """Train (for sites), validation (model selection) and test (reporting only)."""
+    """Train (for sites), validation (model selection), test (reporting only) and the
+    sites' unlabelled exams (`data.unlabelled_fraction`; None when not asked for)."""
 
     train: ImageData
     val: ImageData
     test: ImageData
+    unlabelled: ImageData | None = None
     skipped: list[str] = field(default_factory=list)  # bad items left out (skip_bad)
 
     @property
@@ -37,6 +40,11 @@ class Splits:
 def load_splits(cfg: Config) -> Splits:
     """Load `cfg.dataset` as train / val / test, in the dataset's own labels."""
     d = cfg.data
+    if d.unlabelled_fraction >= 1:
+        raise ConfigError(
+            "config key 'data.unlabelled_fraction' must be below 1: some training "
+            "data must stay labelled"
+        )
     if cfg.dataset == "cifar100":
         from fl_ci.data.cifar100 import load_cifar100
 
@@ -52,7 +60,10 @@ def load_splits(cfg: Config) -> Splits:
             cache_dir=d.cache_dir or None,
         )
         train, val = split_validation(train, d.val_fraction, cfg.seed)
-        return Splits(train, val, test)
+        pool = None
+        if d.unlabelled_fraction > 0:
+            train, pool = split_validation(train, d.unlabelled_fraction, cfg.seed + 1)
+        return Splits(train, val, test, pool)
     if cfg.dataset == "echo":
         from fl_ci.data.echo import load_echo_manifest, split_by_patient
 
@@ -83,16 +94,27 @@ def load_splits(cfg: Config) -> Splits:
     from fl_ci.data.echo import split_by_patient
 
     test_share = 0.2
+    if d.val_fraction + test_share >= 1:
+        raise ConfigError(
+            f"config key 'data.val_fraction' = {d.val_fraction} leaves no training "
+            f"patients beside the {test_share:.0%} test share"
+        )
     train, val, test = split_by_patient(
         data,
         (1 - d.val_fraction - test_share, d.val_fraction, test_share),
         seed=cfg.seed,
     )
+    pool = None
+    if d.unlabelled_fraction > 0:
+        # whole patients: no patient is both labelled and unlabelled
+        u = d.unlabelled_fraction
+        train, pool, _ = split_by_patient(train, (1 - u, u, 0.0), seed=cfg.seed + 1)
     if d.max_per_class:
         train, val, test = (
             first_per_class(s, d.max_per_class) for s in (train, val, test)
         )
-    return Splits(train, val, test, skipped=list(getattr(data, "skipped", [])))
+        pool = first_per_class(pool, d.max_per_class) if pool is not None else None
+    return Splits(train, val, test, pool, skipped=list(getattr(data, "skipped", [])))
 
 
 def split_validation(train: ImageData, fraction: float, seed: int):

@@ -9,8 +9,9 @@ new-class rows, old rows frozen, α_dist = 5 sqrt(n_old / n_new) unless set, CE 
 weights max_j n_j / n_c, centroids of unscaled cosine scores.
 Ablations are switches: `ci.margin_weight = 0`, `ci.contrastive_weight = 0`,
 `ci.distill_weight = 0`, `synthesis.init = "random"`, `head = "linear"`.
-The contrastive target defaults to the site's own (unlabelled) task images, never a
-test split; `ci.transductive = true` is the paper's use of test images.
+The contrastive target (`ci.target`) defaults to the site's own task images, labels
+unused; `unlabelled` takes the site's unlabelled exams of every view it performs
+(`data.unlabelled_fraction`), `test` the paper's transductive use of test images.
 """
 
 from __future__ import annotations
@@ -161,10 +162,10 @@ class ClassImpression(Method):
 
     def _contrastive(self, model, batch: Batch, out: NetOutput, ctx: SiteContext):
         """Eq. (6): source = labelled batch by true label; target = unlabelled batch by
-        the model's pseudo-label. By default the target rows are the batch's own real
-        images (the site's unlabelled task data), so no extra forward pass is needed."""
+        the model's pseudo-label. With `ci.target = "task_data"` the target rows are
+        the batch's own real images, so no extra forward pass is needed."""
         source = self.source.update(out.scores.float(), batch.y)
-        if self.cfg.ci.transductive and ctx.unlabelled is not None:
+        if self.cfg.ci.target != "task_data" and ctx.unlabelled is not None:
             x = self._next_unlabelled(ctx)
             t_scores = model.forward_all(x).scores.float()
         else:
