@@ -106,6 +106,10 @@ class FederationConfig:
     cpus_per_site: float = 1.0
     gpus_per_site: float = 0.0
     retries: int = 1  # times a round short of sound replies is sent again
+    # a site with no new-class data at a task trains on its method's synthetic replay
+    # alone (Class Impression's impressions, DeepInversion's images) instead of sitting
+    # the round out, so the average holds on to the old classes
+    rehearse: bool = False
     dp_clip_norm: float = 0.0  # > 0: Flower's server-side DP, clip each update's L2
     dp_noise_multiplier: float = 1.0  # z: aggregate noise std = z * clip / sites
 

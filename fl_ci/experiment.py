@@ -220,6 +220,35 @@ def grow_for_task(
     return grown
 
 
+def average_new_rows(
+    state: dict[str, torch.Tensor],
+    site_states: list[dict[str, torch.Tensor]],
+    site_classes: list[list[int]],
+    weights: list[float],
+    num_old: int,
+) -> dict[str, torch.Tensor]:
+    """`state` with each new class's head rows (`head.new_*`, row i = class
+    num_old + i) averaged over the sites that hold data of that class, weighted by
+    `weights` (example counts). With rehearsal, sites that trained without a class
+    only pushed its row away from the old classes; averaging them in would wash the
+    class out. A class no site holds keeps `state`'s rows."""
+    out = dict(state)
+    for key in (k for k in state if k.startswith("head.new_")):
+        rows = state[key].clone()  # [n_new, D] or [n_new]
+        for i in range(rows.shape[0]):
+            holders = [j for j, held in enumerate(site_classes) if num_old + i in held]
+            total = sum(weights[j] for j in holders)
+            if not holders or total <= 0:
+                continue
+            rows[i] = (
+                sum(site_states[j][key][i].double() * weights[j] for j in holders)
+                .div(total)
+                .to(rows.dtype)
+            )
+        out[key] = rows
+    return out
+
+
 # ----- one site's round --------------------------------------------------------------
 def site_round(
     exp: Experiment,
@@ -255,10 +284,18 @@ def site_round(
         progress=progress,
     )
     ctx.data = exp.site_data(task, site, method.train_classes(ctx))
-    if len(ctx.data) == 0:
+    rehearse = cfg.federation.rehearse and teacher is not None
+    if len(ctx.data) == 0 and not rehearse:
         raise DataError(f"site {site} has no training data for task {task}")
     ctx.unlabelled = exp.unlabelled(task, site, ctx.data)
     method.begin_task(model, ctx)
+    if len(ctx.data) == 0 and (
+        method.extra_share(ctx) == 0 or not method.replay_size()
+    ):
+        raise DataError(
+            f"site {site} has no training data for task {task}, and {method.name} "
+            "has no synthetic replay to rehearse on"
+        )
     method.prepare_model(model, ctx)
     metrics = train_round(model, method, ctx)
     if round == cfg.rounds_per_task - 1:

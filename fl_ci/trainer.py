@@ -70,6 +70,11 @@ def train_round(
     share = method.extra_share(ctx)
     real_bs = max(1, round(cfg.batch_size * (1 - share)))
     extra_bs = cfg.batch_size - real_bs if share > 0 else 0
+    n_real = len(ctx.data)
+    replay = method.replay_size() if share > 0 else 0
+    rehearsal = n_real == 0 and replay > 0  # no new data here: replay alone
+    if rehearsal:
+        extra_bs = cfg.batch_size
     pad, flip = augmentation(cfg.dataset, ctx.data.size, cfg.augment)
     amp = device.type == "cuda" and cfg.amp
     total_epochs = cfg.rounds_per_task * cfg.local_epochs
@@ -77,8 +82,10 @@ def train_round(
     steps = 0
     seen = 0
     start = time.perf_counter()
-    n_real = len(ctx.data)
-    steps_per_epoch = math.ceil(n_real / real_bs) if n_real else 0
+    if rehearsal:  # one pass over the replay set per epoch
+        steps_per_epoch = math.ceil(replay / cfg.batch_size)
+    else:
+        steps_per_epoch = math.ceil(n_real / real_bs) if n_real else 0
     bar = tqdm(
         total=cfg.local_epochs * steps_per_epoch,
         desc=f"task {ctx.task} round {ctx.round}",
@@ -90,15 +97,20 @@ def train_round(
         for group in optimizer.param_groups:
             group["lr"] = lr_at(cfg, epoch, total_epochs)
         method.begin_epoch(ctx)
-        for x, y in batches(
-            ctx.data,
-            real_bs,
-            train=True,
-            device=device,
-            generator=generator,
-            pad=pad,
-            flip=flip,
-        ):
+        real = (
+            _no_rows(ctx.data, steps_per_epoch, device)
+            if rehearsal
+            else batches(
+                ctx.data,
+                real_bs,
+                train=True,
+                device=device,
+                generator=generator,
+                pad=pad,
+                flip=flip,
+            )
+        )
+        for x, y in real:
             extra = torch.zeros(len(y), dtype=torch.bool, device=device)
             if extra_bs:
                 ex, ey = method.extra_batch(extra_bs, generator)
@@ -144,6 +156,17 @@ def train_round(
         train_steps=steps,
         train_images=seen,
         train_seconds=time.perf_counter() - start,
-        num_examples=n_real,
+        # FedAvg's weight: images per epoch x real share, which is the real count
+        # for a site with new data and comparable for one that rehearses
+        num_examples=round(replay * (1 - share)) if rehearsal else n_real,
+        rehearsal=int(rehearsal),
     )
     return metrics
+
+
+def _no_rows(data, steps: int, device: torch.device):
+    """`steps` empty real batches (a rehearsing site's batches are all replay)."""
+    x = torch.zeros(0, data.channels, data.size, data.size, device=device)
+    y = torch.zeros(0, dtype=torch.long, device=device)
+    for _ in range(steps):
+        yield x, y

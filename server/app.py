@@ -43,7 +43,7 @@ from fl_ci.checkpoint import (
     restore,
 )
 from fl_ci.config import Config
-from fl_ci.experiment import Experiment, evaluate, grow_for_task
+from fl_ci.experiment import Experiment, average_new_rows, evaluate, grow_for_task
 from fl_ci.methods.base import model_hash
 from fl_ci.privacy import central_dp_summary
 from fl_ci.recorder import Recorder
@@ -224,6 +224,14 @@ def run_server(
             seconds = time.perf_counter() - started
             num_examples = int(sum(r.content["metrics"]["num-examples"] for r in good))
             new_state = aggregate(strategy, server_round, good, sent)
+            if cfg.federation.rehearse:
+                new_state = average_new_rows(
+                    new_state,
+                    [r.content["arrays"].to_torch_state_dict() for r in good],
+                    [list(r.content["metrics"].get("classes", [])) for r in good],
+                    [float(r.content["metrics"]["num-examples"]) for r in good],
+                    num_old=exp.tasks[task][0],
+                )
             model.load_state_dict(new_state)
             if rnd == rounds - 1:
                 shared = [
@@ -245,6 +253,10 @@ def run_server(
                 new_accuracy=val["new_accuracy"],
                 sites_replied=collected.replied,
                 sites_aggregated=len(good),
+                # sites without new data that trained on replay (federation.rehearse)
+                sites_rehearsing=sum(
+                    int(r.content["metrics"].get("rehearsal", 0)) for r in good
+                ),
                 sites_rejected=len(rejected),
                 attempts=collected.attempts,
                 left_out="; ".join(collected.notes)[:2000],

@@ -58,6 +58,13 @@ def build_strategy(cfg: Config) -> Strategy:
             f"config key 'federation.strategy' has unknown value {fed.strategy!r}"
         )
     clip, noise = dp_settings(cfg)
+    if fed.rehearse and (clip > 0 or fed.strategy != "fedavg"):
+        # new-class head rows are then a plain mean over the sites holding the class
+        # (fl_ci.experiment.average_new_rows), outside the robust rule or the DP noise
+        raise ConfigError(
+            "config key 'federation.rehearse' needs 'federation.strategy' = 'fedavg' "
+            "without DP ('federation.dp_clip_norm' = 0)"
+        )
     if clip > 0:
         if fed.strategy != "fedavg":
             # the noise is calibrated to a mean's sensitivity, not a median's or Krum's

@@ -61,7 +61,16 @@ def test_bad_override_is_one_clear_error(tmp_path, capsys):
 def test_two_sites_through_flower_simulation(tmp_path):
     from simulations.federated import run_federated
 
-    cfg = Config.from_dict({**TINY, "sites": 2, "rounds_per_task": 2})
+    # the new views reach site 0 at task 1 and site 1 only later: site 1 rehearses
+    cfg = Config.from_dict(
+        {
+            **TINY,
+            "sites": 2,
+            "rounds_per_task": 2,
+            "partition": {"scheme": "schedule", "schedule": "0:PLAX@1, 0:PSAX@1"},
+            "federation": {"rehearse": True},
+        }
+    )
     run_federated(cfg, tmp_path, progress=False)
     _check_outputs(tmp_path, sites=2)
     state = torch.load(tmp_path / "model.pt", weights_only=True)
@@ -70,6 +79,7 @@ def test_two_sites_through_flower_simulation(tmp_path):
     rows = pq.read_table(tmp_path / "metrics.parquet").to_pylist()
     val = [r for r in rows if r["split"] == "val"]
     assert all(r["sites_aggregated"] == 2 for r in val)
+    assert [r["sites_rehearsing"] for r in val] == [0, 0, 1, 1]
     assert all(r["bytes_sent"] > 0 for r in val)
     # the teacher (as large as the model) travels in a task's first round only
     sent = {(r["task"], r["round"]): r["bytes_sent"] for r in val}

@@ -9,6 +9,7 @@ precision. A method only overrides hooks:
 | `begin_task`      | nothing                      | synthesis (impressions), exemplars  |
 | `prepare_model`   | nothing                      | head imprinting, freezing old rows  |
 | `extra_batch`     | none                         | impressions, exemplars              |
+| `replay_size`     | 0                            | impressions, DeepInversion images   |
 | `loss`            | cross-entropy                | every method adds its terms         |
 | `end_task`        | nothing                      | exemplar herding                    |
 
@@ -148,6 +149,11 @@ class Method:
     ) -> tuple[torch.Tensor, ...]:
         """`n` extra rows (x [n, C, H, W], y [n]); only called if extra_share > 0."""
         raise NotImplementedError
+
+    def replay_size(self) -> int:
+        """Distinct synthetic rows `extra_batch` draws from (0: none, or unbounded). A
+        site without new data rehearses on them alone (`federation.rehearse`)."""
+        return 0
 
     def loss(
         self,

@@ -84,7 +84,7 @@ class ClassImpression(Method):
     def prepare_model(self, model: IncrementalNet, ctx: SiteContext) -> None:
         if ctx.teacher is None:
             return
-        if ctx.round == 0 and self.cfg.ci.imprint:
+        if ctx.round == 0 and self.cfg.ci.imprint and len(ctx.data):
             self._imprint(model, ctx)
         model.freeze_old_classes(self.cfg.ci.freeze_old)
 
@@ -108,6 +108,9 @@ class ClassImpression(Method):
 
     def extra_share(self, ctx: SiteContext) -> float:
         return self.cfg.ci.synthetic_ratio if self.images is not None else 0.0
+
+    def replay_size(self) -> int:
+        return len(self.labels) if self.labels is not None else 0
 
     def extra_batch(self, n: int, generator: torch.Generator):
         idx = torch.randint(0, len(self.labels), (n,), generator=generator)

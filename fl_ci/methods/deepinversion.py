@@ -77,6 +77,9 @@ class DeepInversion(Method):
     def extra_share(self, ctx: SiteContext) -> float:
         return self.cfg.baselines.synthetic_ratio if self.images is not None else 0.0
 
+    def replay_size(self) -> int:
+        return len(self.labels) if self.labels is not None else 0
+
     def extra_batch(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         idx = torch.randint(0, len(self.labels), (n,), generator=generator)
         return self.images[idx], self.labels[idx]
