@@ -258,7 +258,7 @@ def site_round(
     task: int,
     round: int,
     site: int,
-    class_means: torch.Tensor | None = None,
+    class_means: ClassMeans | torch.Tensor | None = None,
     store: SiteStore | None = None,
     progress: bool = True,
 ) -> tuple[IncrementalNet, dict[str, Any]]:

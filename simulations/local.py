@@ -61,7 +61,7 @@ def run_local(
         if task > 0 and first > done:
             teacher = copy.deepcopy(model).eval()
             model = grow_for_task(model, len(classes), seed=cfg.seed * 1000 + task)
-        old_means = means.means(list(range(classes[0]))) if means and task else None
+        old_means = means if task else None
         for rnd in range(rounds):
             server_round = first + rnd
             if server_round <= done:

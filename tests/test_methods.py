@@ -18,6 +18,7 @@ from fl_ci.experiment import (
     site_round,
 )
 from fl_ci.methods import SiteStore, build_method, registry
+from fl_ci.methods.base import model_hash
 from fl_ci.methods.icarl import herding
 from fl_ci.methods.lwm import attention_distillation, grad_cam
 from fl_ci.models import build_model
@@ -193,3 +194,32 @@ def test_only_joint_icarl_lucir_keep_real_old_data():
 def test_lucir_refuses_a_linear_head():
     with pytest.raises(ConfigError, match="head"):
         build_method(tiny_config("lucir").replace(head="linear"))
+
+
+def test_class_without_a_shared_mean_starts_from_noise_and_is_named(caplog):
+    # class 1 was held by no site above the sharing floor: its mean has count 0
+    exp = Experiment.from_config(tiny_config("class_impression"))
+    teacher = exp.build_model().eval()
+    means = site_class_means(exp, 0, 0)
+    means = dataclasses.replace(
+        means,
+        sums=means.sums * (torch.arange(3) != 1).view(-1, 1, 1, 1),
+        counts=means.counts * (torch.arange(3) != 1),
+    )
+    model = grow_for_task(teacher, len(exp.tasks[1]))
+    store = SiteStore()
+    with caplog.at_level("WARNING", logger="fl_ci"):
+        site_round(
+            exp,
+            model,
+            teacher,
+            task=1,
+            round=0,
+            site=0,
+            class_means=means,
+            store=store,
+            progress=False,
+        )
+    assert "no site shared a mean of classes [1]" in caplog.text
+    impressions = store.get(f"impressions-task1-{model_hash(teacher)}")
+    assert impressions["labels"].bincount().tolist() == [4, 4, 4]  # still balanced

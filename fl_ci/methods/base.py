@@ -94,7 +94,9 @@ class SiteContext:
     num_old: int  # classes known before this task (labels 0..num_old-1)
     data: ImageData  # this site's real training data (classes from train_classes)
     teacher: IncrementalNet | None  # frozen end-of-previous-task model
-    class_means: torch.Tensor | None  # [num_old, C, H, W] global means of old classes
+    # global class means of the old classes (a ClassMeans, or a [num_old, C, H, W]
+    # tensor of complete means)
+    class_means: Any
     unlabelled: ImageData | None  # the site's unlabelled data (contrastive target)
     device: torch.device
     store: SiteStore = field(default_factory=SiteStore)

@@ -16,6 +16,7 @@ unused; `unlabelled` takes the site's unlabelled exams of every view it performs
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -25,7 +26,7 @@ from fl_ci import losses
 from fl_ci.data.base import batches, valid_range
 from fl_ci.methods.base import Batch, Method, SiteContext, model_hash
 from fl_ci.models import IncrementalNet, NetOutput
-from fl_ci.synthesis import synthesize
+from fl_ci.synthesis import ClassMeans, synthesize
 
 log = logging.getLogger("fl_ci")
 
@@ -59,6 +60,9 @@ class ClassImpression(Method):
         self.class_weights = losses.balance_weights(counts)
 
     def _synthesize(self, ctx: SiteContext) -> dict[str, torch.Tensor]:
+        """Impressions of every old class. A class no site shared a mean of (each
+        held fewer than `synthesis.min_mean_count` images) starts from noise, as in
+        the random-initialisation ablation, and the log names it."""
         scfg = self.cfg.synthesis
         data = ctx.data
         means = ctx.class_means if scfg.init == "mean" else None
@@ -67,17 +71,41 @@ class ClassImpression(Method):
                 f"task {ctx.task}: synthesis.init = 'mean' but no class means of the "
                 f"{ctx.num_old} old classes were given"
             )
-        images, labels, _ = synthesize(
-            ctx.teacher,
-            list(range(ctx.num_old)),
-            scfg,
-            means=means,
-            image_shape=(data.channels, data.size, data.size),
-            bounds=valid_range(data.mean, data.std),
-            device=ctx.device,
-            seed=ctx.seed * 7919 + ctx.task * 31 + ctx.site,
-            progress=ctx.progress,
-        )
+        old = list(range(ctx.num_old))
+        groups = [(old, scfg, means)]
+        if isinstance(means, ClassMeans):
+            have = set(means.available())
+            missing = [c for c in old if c not in have]
+            if missing:
+                log.warning(
+                    "site %d, task %d: no site shared a mean of classes %s; their "
+                    "impressions start from noise",
+                    ctx.site,
+                    ctx.task,
+                    missing,
+                )
+                groups = [
+                    ([c for c in old if c in have], scfg, means),
+                    (missing, dataclasses.replace(scfg, init="random"), None),
+                ]
+        seed = ctx.seed * 7919 + ctx.task * 31 + ctx.site
+        parts = [
+            synthesize(
+                ctx.teacher,
+                classes,
+                group_cfg,
+                means=group_means,
+                image_shape=(data.channels, data.size, data.size),
+                bounds=valid_range(data.mean, data.std),
+                device=ctx.device,
+                seed=seed + i,
+                progress=ctx.progress,
+            )
+            for i, (classes, group_cfg, group_means) in enumerate(groups)
+            if classes
+        ]
+        images = torch.cat([p.images for p in parts])
+        labels = torch.cat([p.labels for p in parts])
         return {"images": images.cpu(), "labels": labels.cpu()}
 
     # ----- stage 2: incremental update ---------------------------------------------
