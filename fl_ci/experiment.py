@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from fl_ci.config import Config, ConfigError
-from fl_ci.data.base import DataError, ImageData, batches, valid_range
+from fl_ci.data.base import DataError, ImageData, batches, patient_groups, valid_range
 from fl_ci.data.partition import check_partitions, partition_task
 from fl_ci.data.registry import Splits, load_splits, relabel
 from fl_ci.data.scenario import apply_schedule, class_order, parse_schedule, task_splits
@@ -164,7 +164,7 @@ class Experiment:
         if self._pool_parts is None:
             self._pool_parts = split_exams(pool, self.cfg)
         mine = pool.subset(self._pool_parts[site])
-        mine = mine.of_classes(self.site_classes(task, site))
+        mine = mine.of_classes(self.classes_received(task, site))
         if len(mine) == 0:
             log.warning(
                 "site %d, task %d: no unlabelled exams of its classes; the contrastive "
@@ -175,7 +175,7 @@ class Experiment:
             return data
         return mine
 
-    def site_classes(self, task: int, site: int) -> list[int]:
+    def classes_received(self, task: int, site: int) -> list[int]:
         """Classes `site` has received labelled data of by `task` (its schedule)."""
         return [
             c
@@ -195,13 +195,11 @@ def split_exams(pool: ImageData, cfg: Config) -> list[torch.Tensor]:
         return partition_task(
             pool.labels, pool.devices, cfg.sites, cfg.partition, task=0, seed=cfg.seed
         )
-    keys = pool.patients.clone()
-    unknown = keys < 0
-    keys[unknown] = -1 - torch.arange(int(unknown.sum()))
-    patients, group = torch.unique(keys, return_inverse=True)
+    group = patient_groups(pool.patients)
+    patients = int(group.max()) + 1 if len(group) else 0
     generator = torch.Generator().manual_seed(cfg.seed + 1)
-    shuffled = torch.randperm(len(patients), generator=generator)
-    site_of = torch.empty(len(patients), dtype=torch.long)
+    shuffled = torch.randperm(patients, generator=generator)
+    site_of = torch.empty(patients, dtype=torch.long)
     for site, chunk in enumerate(torch.tensor_split(shuffled, cfg.sites)):
         site_of[chunk] = site
     return [torch.nonzero(site_of[group] == s).flatten() for s in range(cfg.sites)]

@@ -79,6 +79,15 @@ class ImageData:
         return torch.bincount(self.labels, minlength=num_classes)
 
 
+def patient_groups(patients: torch.Tensor) -> torch.Tensor:
+    """[N] group index 0..G-1 of each row's patient; rows with an unknown patient (id
+    < 0) are a group each."""
+    keys = patients.clone()
+    unknown = keys < 0
+    keys[unknown] = -1 - torch.arange(int(unknown.sum()))  # fresh negative keys
+    return torch.unique(keys, return_inverse=True)[1]
+
+
 def pick_frames(frames: torch.Tensor, train: bool, generator=None) -> torch.Tensor:
     """[B, F, C, H, W] -> [B, C, H, W]: a random frame per item (train) or the middle."""
     b, f = frames.shape[:2]

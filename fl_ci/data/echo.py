@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fl_ci.data.base import DataError, ImageData
+from fl_ci.data.base import DataError, ImageData, patient_groups
 
 ECHO_VIEWS = ("A2C", "A3C", "A4C", "PLAX", "PSAX")
 
@@ -430,11 +430,7 @@ def split_by_patient(
     if fr.shape != (3,) or (fr < 0).any() or abs(fr.sum() - 1.0) > 1e-6:
         raise ValueError(f"fractions must be 3 non-negative numbers summing to 1: {fr}")
     n = len(data)
-    keys = data.patients.clone()
-    unknown = keys < 0
-    # unknown patients get fresh negative keys so each cine is its own group
-    keys[unknown] = -1 - torch.arange(int(unknown.sum()))
-    _, group = torch.unique(keys, return_inverse=True)
+    group = patient_groups(data.patients)
     group_np = group.numpy()
     groups = int(group.max()) + 1 if n else 0
     k = max(len(data.class_names), int(data.labels.max()) + 1 if n else 0)
