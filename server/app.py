@@ -227,7 +227,7 @@ def run_server(
             if cfg.federation.rehearse:
                 new_state = average_new_rows(
                     new_state,
-                    [r.content["arrays"].to_torch_state_dict() for r in good],
+                    [new_head_rows(r.content["arrays"]) for r in good],
                     [list(r.content["metrics"].get("classes", [])) for r in good],
                     [float(r.content["metrics"]["num-examples"]) for r in good],
                     num_old=exp.tasks[task][0],
@@ -470,6 +470,16 @@ def _atleast_1d(record: ArrayRecord, keys: list[str]) -> ArrayRecord:
     rebound rather than scaled, so a scalar parameter (the cosine head's scale) would
     escape clipping."""
     return ArrayRecord({k: Array(np.atleast_1d(record[k].numpy())) for k in keys})
+
+
+def new_head_rows(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+    """The new-class head rows (`head.new_*`) of a reply, all `average_new_rows`
+    reads, without converting the rest of the model."""
+    return {
+        k: torch.from_numpy(arrays[k].numpy())
+        for k in arrays.keys()
+        if k.startswith("head.new_")
+    }
 
 
 def payload_bytes(content: RecordDict) -> int:
