@@ -9,7 +9,7 @@ precision. A method only overrides hooks:
 | `begin_task`      | nothing                      | synthesis (impressions), exemplars  |
 | `prepare_model`   | nothing                      | head imprinting, freezing old rows  |
 | `extra_batch`     | none                         | impressions, exemplars              |
-| `replay_size`     | 0                            | impressions, DeepInversion images   |
+| `replay_size`     | 0                            | SyntheticReplay: CI, DeepInversion  |
 | `loss`            | cross-entropy                | every method adds its terms         |
 | `end_task`        | nothing                      | exemplar herding                    |
 
@@ -172,3 +172,23 @@ class Method:
     def end_task(self, model: IncrementalNet, ctx: SiteContext) -> dict[str, Any]:
         """After the site's last round of a task; returns metrics to report."""
         return {}
+
+
+class SyntheticReplay(Method):
+    """A method that replays a fixed set of synthetic old-class images, `images`
+    [N, C, H, W] with `labels` [N], made in `begin_task` (Class Impression,
+    DeepInversion). A site without new data can rehearse on them."""
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        self.images: torch.Tensor | None = None  # [N, C, H, W] synthetic images
+        self.labels: torch.Tensor | None = None  # [N] old-class labels
+
+    def replay_size(self) -> int:
+        return len(self.labels) if self.labels is not None else 0
+
+    def extra_batch(
+        self, n: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(0, len(self.labels), (n,), generator=generator)
+        return self.images[idx], self.labels[idx]

@@ -24,22 +24,20 @@ import torch.nn.functional as F
 
 from fl_ci import losses
 from fl_ci.data.base import batches, valid_range
-from fl_ci.methods.base import Batch, Method, SiteContext, model_hash
+from fl_ci.methods.base import Batch, SiteContext, SyntheticReplay, model_hash
 from fl_ci.models import IncrementalNet, NetOutput
 from fl_ci.synthesis import ClassMeans, synthesize
 
 log = logging.getLogger("fl_ci")
 
 
-class ClassImpression(Method):
+class ClassImpression(SyntheticReplay):
     name = "class_impression"
     data_free = True
     needs_teacher = True
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
-        self.images: torch.Tensor | None = None  # [N, C, H, W] impressions
-        self.labels: torch.Tensor | None = None  # [N] old-class labels
         self.source: losses.CentroidTracker | None = None
         self.target: losses.CentroidTracker | None = None
         self.class_weights: torch.Tensor | None = None
@@ -136,13 +134,6 @@ class ClassImpression(Method):
 
     def extra_share(self, ctx: SiteContext) -> float:
         return self.cfg.ci.synthetic_ratio if self.images is not None else 0.0
-
-    def replay_size(self) -> int:
-        return len(self.labels) if self.labels is not None else 0
-
-    def extra_batch(self, n: int, generator: torch.Generator):
-        idx = torch.randint(0, len(self.labels), (n,), generator=generator)
-        return self.images[idx], self.labels[idx]
 
     def begin_epoch(self, ctx: SiteContext) -> None:
         # upstream resets the running centroids every epoch

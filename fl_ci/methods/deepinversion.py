@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fl_ci.config import Config
 from fl_ci.data.base import valid_range
-from fl_ci.methods.base import Batch, Method, SiteContext, model_hash
+from fl_ci.methods.base import Batch, SiteContext, SyntheticReplay, model_hash
 from fl_ci.models import IncrementalNet, NetOutput
 from fl_ci.synthesis import synthesize
 
@@ -41,16 +39,11 @@ def padded_kd(logits: Tensor, teacher_logits: Tensor, temperature: float) -> Ten
     return (log_q.exp() * (log_q - log_p)).sum(dim=1).mean() * t * t
 
 
-class DeepInversion(Method):
+class DeepInversion(SyntheticReplay):
     """Replay of teacher-inverted (random-init) images with KD, plus CE on new data."""
 
     name = "deepinversion"
     needs_teacher = True
-
-    def __init__(self, cfg: Config) -> None:
-        super().__init__(cfg)
-        self.images: Tensor | None = None  # [N, C, H, W] synthetic old-class images
-        self.labels: Tensor | None = None  # [N] old-class labels they were made for
 
     def begin_task(self, model: IncrementalNet, ctx: SiteContext) -> None:
         if ctx.teacher is None or ctx.num_old == 0:
@@ -76,13 +69,6 @@ class DeepInversion(Method):
 
     def extra_share(self, ctx: SiteContext) -> float:
         return self.cfg.baselines.synthetic_ratio if self.images is not None else 0.0
-
-    def replay_size(self) -> int:
-        return len(self.labels) if self.labels is not None else 0
-
-    def extra_batch(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        idx = torch.randint(0, len(self.labels), (n,), generator=generator)
-        return self.images[idx], self.labels[idx]
 
     def loss(
         self,
