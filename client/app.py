@@ -1,34 +1,29 @@
-"""Flower ClientApp: one hospital site.
+"""Flower ClientApp: one hospital site. Records in, `fl_ci.site` calls, records out.
 
-It loads its own data (simulation: its partition from `partition-id` /
-`num-partitions` in the node config), rebuilds the model from the received arrays and
-the teacher from the copy the server sends once per task (kept in the site's store; a
-site that lost it replies `needs-teacher` and is sent it again), runs the configured method for one round (Class Impression synthesizes its
-impressions once per task and keeps them on the site's disk, so a restarted site
-synthesizes again rather than failing) and returns arrays, example count, metrics
-and, after a task's last round, its class means as (sum, count). Its metrics name the
-classes its data held, so the server can refuse a class it never announced; a site
-whose data is unusable (labels the server did not announce, no rows) replies with a
-"problem" record instead of weights.
+Where its data comes from is the node's business, named in its node config:
+- deployment: `data-root` is the hospital's own folder (an echo manifest with its
+  cines, or a CIFAR-style folder); every row of it is read and split by patient, and
+  `site-id` (optional) is its number in the study's schedule and reports;
+- simulation: `partition-id` picks a virtual site's share of the one simulated study.
+The site builds its data once per process (`fl_ci.site.open_site_data`).
 
-Test-only fault injection (docs/reliability.md): the run-config key `faults`, e.g.
-`"1:crash@2, 0:empty@3/0"`, makes site 1 raise at server round 2 and site 0 see an
-empty partition at round 3's first attempt. Kinds: `crash` (an uncaught exception:
-Flower turns it into an error reply), `bad-labels` (half the site's labels become a
-class the server has not announced), `empty` (no rows), `restart` (the site's store
-is deleted first, as on a fresh machine).
+A train message brings the global model, the study config, the teacher (once per
+task; kept in the site's store, and a site that lost it replies `needs-teacher`) and
+the old classes' shared class means; the site runs one round of the configured
+method and returns weights, metrics and, after a task's last round, its class means.
+A site whose data is unusable replies with a `problem` record instead of weights:
+a site with no data of the task's classes (by the schedule) says it sits out. An
+evaluate message brings the global model; the site returns per-class correct and
+total counts on its own held-out patients.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import re
 import shutil
 import traceback
 from pathlib import Path
 
-import torch
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
@@ -39,90 +34,64 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
-from fl_ci.config import ConfigError
+from client.faults import FaultySite, InjectedCrash, active_faults
+from fl_ci.config import Config, ConfigError
 from fl_ci.data.base import DataError
-from fl_ci.experiment import Experiment, shared_class_means, site_round
 from fl_ci.methods import SiteStore
-from server.app import means_from_record, means_record, split_run_config
+from fl_ci.site import (
+    NoTaskData,
+    SiteData,
+    evaluate_site,
+    open_site_data,
+    shared_class_means,
+    site_round,
+)
+from fl_ci_flower import protocol as P
 
 log = logging.getLogger("fl_ci.client")
 
 app = ClientApp()
 
-FAULT_KINDS = ("crash", "bad-labels", "empty", "restart")
-_FAULT = re.compile(r"(\d+):([a-z-]+)@(\d+)(?:/(\d+))?")
-
-
-class InjectedCrash(Exception):
-    """Raised by the `crash` test fault; deliberately not caught by the site."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Fault:
-    site: int
-    kind: str
-    server_round: int  # 1-based, as the server counts
-    attempt: int | None  # None: every attempt of that round
-
-
-def parse_faults(spec: str) -> list[Fault]:
-    """`SITE:KIND@ROUND[/ATTEMPT]`, comma-separated (the `faults` run-config key)."""
-    faults = []
-    for item in (part.strip() for part in spec.split(",")):
-        if not item:
-            continue
-        m = _FAULT.fullmatch(item)
-        if m is None or m.group(2) not in FAULT_KINDS:
-            raise ConfigError(
-                f"run-config key 'faults': {item!r} is not SITE:KIND@ROUND[/ATTEMPT] "
-                f"with KIND one of {', '.join(FAULT_KINDS)}"
-            )
-        attempt = None if m.group(4) is None else int(m.group(4))
-        faults.append(Fault(int(m.group(1)), m.group(2), int(m.group(3)), attempt))
-    return faults
-
-
-def active_faults(spec: str, site: int, server_round: int, attempt: int) -> set[str]:
-    """The fault kinds that apply to this site's reply now."""
-    return {
-        f.kind
-        for f in parse_faults(spec)
-        if f.site == site
-        and f.server_round == server_round
-        and f.attempt in (None, attempt)
-    }
-
-
-def inject_data_fault(exp: Experiment, kinds: set[str]) -> None:
-    """Make `exp.site_data` return an empty or mislabelled partition (test faults)."""
-    original = exp.site_data
-
-    def faulty(task: int, site: int, classes: list[int] | None = None):
-        data = original(task, site, classes)
-        if "empty" in kinds:
-            return data.subset(torch.zeros(0, dtype=torch.long))
-        labels = data.labels.clone()
-        labels[::2] = exp.seen(task)  # the next task's first class, or none at all
-        return dataclasses.replace(data, labels=labels)
-
-    exp.site_data = faulty  # type: ignore[method-assign]
-
 
 def site_number(context: Context) -> int:
-    """This site's number: `partition-id` from the node config (simulation or a
-    hospital's `--node-config "partition-id=2"`)."""
-    try:
-        return int(context.node_config["partition-id"])
-    except KeyError:
-        raise DataError(
-            "node config lacks 'partition-id': start the SuperNode with "
-            '--node-config "partition-id=N num-partitions=M"'
-        ) from None
+    """This site's number: `site-id` (deployment, optional: else the node id) or
+    `partition-id` (simulation)."""
+    config = context.node_config
+    for key in (P.SITE_ID, P.PARTITION_ID):
+        if key in config:
+            try:
+                return int(config[key])
+            except (TypeError, ValueError):
+                raise DataError(
+                    f"node config key '{key}' must be an integer, got {config[key]!r}"
+                ) from None
+    return int(context.node_id)
+
+
+def site_data(cfg: Config, context: Context) -> SiteData:
+    """The site's data as its node config names it; a DataError naming the key or
+    the folder otherwise."""
+    config = context.node_config
+    root = str(config.get(P.DATA_ROOT, "") or "")
+    if root:
+        if not Path(root).is_dir():
+            raise DataError(
+                f"node config key '{P.DATA_ROOT}' = {root!r}: no such folder at this "
+                "site"
+            )
+        return open_site_data(cfg, root=root, partition=site_number(context))
+    if P.PARTITION_ID in config:
+        return open_site_data(cfg, root=None, partition=site_number(context))
+    raise DataError(
+        f"node config names no data: start the SuperNode with --node-config "
+        f"\"{P.DATA_ROOT}='/path/to/this/site/data'\" (a manifest folder), or "
+        f"'{P.PARTITION_ID}' in a simulation"
+    )
 
 
 def site_store(context: Context, out: str, site: int) -> SiteStore:
     """The site's own disk: `store-dir` from the node config, else beside the run."""
-    root = context.node_config.get("store-dir") or (
+    root = context.node_config.get(P.STORE_DIR) or (
         Path(out) / "sites" / f"site-{site}"
     )
     return SiteStore(root)
@@ -130,116 +99,151 @@ def site_store(context: Context, out: str, site: int) -> SiteStore:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    cfg_record = dict(msg.content["config"])
-    task, rnd = int(cfg_record.pop("task")), int(cfg_record.pop("round"))
-    server_round = int(cfg_record.pop("server-round", 0))
-    attempt = int(cfg_record.pop("attempt", 0))
-    teacher_id = str(cfg_record.pop("teacher-id", ""))
-    cfg, runtime = split_run_config(cfg_record)
-    site = site_number(context)
+    cfg, runtime, at = P.read_config(msg.content[P.CONFIG])
+    try:
+        site = site_number(context)
+    except DataError as err:
+        return problem_reply(msg, -1, str(err))
     store = site_store(context, str(runtime.get("out", "runs")), site)
-    faults = active_faults(str(runtime.get("faults", "")), site, server_round, attempt)
+    faults = active_faults(str(runtime.get("faults", "")), site, at.server_round, at.attempt)
     if "crash" in faults:
-        raise InjectedCrash(f"site {site}: injected crash at round {server_round}")
+        raise InjectedCrash(f"site {site}: injected crash at round {at.server_round}")
     if "restart" in faults and store.root is not None:
         log.warning("site %d: store %s removed (restart fault)", site, store.root)
         shutil.rmtree(store.root, ignore_errors=True)
     teacher_state = None
-    if teacher_id:
+    if at.teacher_id:
         # the teacher comes once per task: keep it before anything else can fail
-        if "teacher" in msg.content.array_records:
-            teacher_state = msg.content["teacher"].to_torch_state_dict()
-            store.put(f"teacher-{teacher_id}", teacher_state)
-            store.prune("teacher-", keep=f"teacher-{teacher_id}")
+        key = f"teacher-{at.teacher_id}"
+        if P.TEACHER in msg.content.array_records:
+            teacher_state = msg.content[P.TEACHER].to_torch_state_dict()
+            store.put(key, teacher_state)
+            store.prune("teacher-", keep=key)
         else:
-            teacher_state = store.get(f"teacher-{teacher_id}")
+            teacher_state = store.get(key)
             if teacher_state is None:
                 return problem_reply(
-                    msg,
-                    site,
-                    f"site {site} lost the task's teacher",
-                    needs_teacher=True,
+                    msg, site, f"site {site} lost the task's teacher", needs_teacher=True
                 )
     try:
-        exp = Experiment.from_config(cfg)
+        data = site_data(cfg, context)
         if faults & {"empty", "bad-labels"}:
-            inject_data_fault(exp, faults)
-        model = exp.build_model()
-        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-        held = site_classes(exp, task, site, model.num_classes)
-        for problem in exp.splits.skipped[:20]:
+            data = FaultySite(data, faults)
+        model = received_model(data, msg.content[P.ARRAYS].to_torch_state_dict())
+        held = site_classes(data, at.task, model.num_classes)
+        for problem in data.skipped[:20]:
             log.warning("site %d skipped: %s", site, problem)
         teacher = None
         if teacher_state is not None:
-            teacher = exp.build_model()
-            teacher.load_state_dict(teacher_state)
-            teacher.eval()
+            teacher = received_model(data, teacher_state).eval()
         class_means = None
-        if "means" in msg.content.array_records and task > 0:
+        if P.MEANS in msg.content.array_records and at.task > 0:
             # the method takes the classes it needs (fine-tuning none at all)
-            class_means = means_from_record(msg.content["means"])
+            class_means = P.means_from_record(msg.content[P.MEANS])
         model, metrics = site_round(
-            exp,
+            data,
             model,
             teacher,
-            task=task,
-            round=rnd,
-            site=site,
+            task=at.task,
+            round=at.round,
             class_means=class_means,
             store=store,
             progress=False,
         )
-    except (DataError, ValueError, RuntimeError) as err:
+    except NoTaskData as err:
+        log.info("site %d, task %d: %s; sits this task out", site, at.task, err)
+        return problem_reply(msg, site, str(err), sits_out=True)
+    except (DataError, ConfigError, ValueError, RuntimeError) as err:
         # the site reports what went wrong; the server leaves it out of this round
-        log.error("site %d, task %d, round %d: %s", site, task, rnd, err)
+        log.error("site %d, task %d, round %d: %s", site, at.task, at.round, err)
         return problem_reply(msg, site, f"{type(err).__name__}: {err}")
     content = RecordDict(
         {
-            "arrays": ArrayRecord(torch_state_dict=model.state_dict()),
-            "metrics": MetricRecord(
+            P.ARRAYS: ArrayRecord(torch_state_dict=model.state_dict()),
+            P.METRICS: MetricRecord(
                 {
-                    "site": site,
-                    "num-classes": model.num_classes,
-                    "classes": held,
+                    P.SITE: site,
+                    P.NUM_CLASSES: model.num_classes,
+                    P.CLASSES: held,
                     **{k: float(v) for k, v in metrics.items()},
-                    "num-examples": int(metrics["num_examples"]),
-                    # bad manifest rows / cines left out (data.skip_bad), named in the log
-                    "skipped-items": len(exp.splits.skipped),
+                    P.NUM_EXAMPLES: int(metrics["num_examples"]),
+                    P.SKIPPED_ITEMS: len(data.skipped),
+                    **{P.ROWS + k: int(v) for k, v in data.row_counts().items()},
                 }
             ),
         }
     )
-    if rnd == cfg.rounds_per_task - 1:
-        content["means"] = means_record(shared_class_means(exp, task, site, store))
+    if data.skipped:
+        content[P.NOTES] = ConfigRecord({P.SKIPPED: [s[:300] for s in data.skipped[:10]]})
+    if at.round == cfg.rounds_per_task - 1:
+        content[P.MEANS] = P.means_record(shared_class_means(data, at.task, store))
     return Message(content=content, reply_to=msg)
 
 
-def site_classes(exp: Experiment, task: int, site: int, announced: int) -> list[int]:
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """The global model on this site's own held-out patients: per-class counts."""
+    cfg, _, at = P.read_config(msg.content[P.CONFIG])
+    try:
+        site = site_number(context)
+        data = site_data(cfg, context)
+        model = received_model(data, msg.content[P.ARRAYS].to_torch_state_dict())
+        counts = evaluate_site(data, model, at.task, at.splits)
+    except (DataError, ConfigError, ValueError, RuntimeError) as err:
+        log.error("evaluation at task %d: %s", at.task, err)
+        return problem_reply(msg, -1, f"{type(err).__name__}: {err}")
+    content = RecordDict(
+        {
+            P.COUNTS: P.counts_record(counts),
+            P.METRICS: MetricRecord({P.SITE: site}),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
+def received_model(data: SiteData, state: dict):
+    """The study's model with received weights (the head adopts their row counts)."""
+    model = data.plan.build_model()
+    model.load_state_dict(state)
+    return model
+
+
+def site_classes(data: SiteData, task: int, announced: int) -> list[int]:
     """The classes the site's data holds this task; a DataError if any of them is
     not among the `announced` classes of the model the server sent."""
-    held = sorted(int(c) for c in exp.site_data(task, site).labels.unique().tolist())
+    held = sorted(int(c) for c in data.train(task).labels.unique().tolist())
     unknown = [c for c in held if not 0 <= c < announced]
     if unknown:
         raise DataError(
-            f"site {site}, task {task}: its data holds labels {unknown[:5]} outside "
-            f"the {announced} classes the server announced (0..{announced - 1})"
+            f"site {data.number}, task {task}: its data holds labels {unknown[:5]} "
+            f"outside the {announced} classes the server announced (0..{announced - 1})"
         )
     return held
 
 
 def problem_reply(
-    msg: Message, site: int, reason: str, needs_teacher: bool = False
+    msg: Message,
+    site: int,
+    reason: str,
+    needs_teacher: bool = False,
+    sits_out: bool = False,
 ) -> Message:
     """A reply that tells the server this site has nothing sound to give this round
-    (with `needs_teacher`: not without the task's teacher, which it lost)."""
+    (with `needs_teacher`: not without the task's teacher, which it lost; with
+    `sits_out`: by the schedule, it has no data for this task)."""
     log.debug(traceback.format_exc())
     content = RecordDict(
         {
-            "arrays": ArrayRecord(),
-            "metrics": MetricRecord({"site": site, "num-examples": 0}),
-            "problem": ConfigRecord(
-                {"reason": reason[:500], "needs-teacher": needs_teacher}
+            P.ARRAYS: ArrayRecord(),
+            P.METRICS: MetricRecord({P.SITE: site, P.NUM_EXAMPLES: 0}),
+            P.PROBLEM: ConfigRecord(
+                {
+                    P.REASON: reason[:500],
+                    P.NEEDS_TEACHER: needs_teacher,
+                    P.SITS_OUT: sits_out,
+                }
             ),
         }
     )
     return Message(content=content, reply_to=msg)
+

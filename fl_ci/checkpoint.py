@@ -20,20 +20,19 @@ import numpy as np
 import torch
 
 from fl_ci.config import Config, ConfigError
-from fl_ci.experiment import Experiment, grow_for_task
 from fl_ci.models import IncrementalNet
+from fl_ci.plan import StudyPlan
 from fl_ci.recorder import Recorder
 from fl_ci.results import atomic_torch_save
 from fl_ci.synthesis import ClassMeans
 
 CHECKPOINT_NAME = "checkpoint.pt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the sites' own test accuracies
 # keys that may change between a run and its resumption: where and how fast it runs,
 # not what it computes
 OPERATIONAL_KEYS = frozenset(
     {
         "device",
-        "num_workers",
         "federation.timeout",
         "federation.cpus_per_site",
         "federation.gpus_per_site",
@@ -156,16 +155,16 @@ def load_checkpoint(out: str | Path, cfg: Config) -> dict[str, Any] | None:
     return state
 
 
-def restore(state: dict[str, Any], exp: Experiment, recorder: Recorder) -> Resumed:
+def restore(state: dict[str, Any], plan: StudyPlan, recorder: Recorder) -> Resumed:
     """Rebuild model, teacher and means from `state`; refill `recorder`; set the
     global random states as they were after the checkpointed round."""
     done = int(state["server_round"])
-    task = (done - 1) // exp.cfg.rounds_per_task
-    model = model_at_task(exp, task)
+    task = (done - 1) // plan.cfg.rounds_per_task
+    model = plan.model_at_task(task)
     model.load_state_dict(state["model"])
     teacher = None
     if state["teacher"] is not None:
-        teacher = model_at_task(exp, task - 1)
+        teacher = plan.model_at_task(task - 1)
         teacher.load_state_dict(state["teacher"])
         teacher.eval()
     means = None
@@ -178,18 +177,11 @@ def restore(state: dict[str, Any], exp: Experiment, recorder: Recorder) -> Resum
     recorder.matrix = rec["matrix"].numpy().copy()
     recorder.task_results = list(rec["task_results"])
     recorder.elapsed_before = float(rec["elapsed"])
+    recorder.site_accuracy = {k: list(v) for k, v in rec["site_accuracy"].items()}
+    recorder.server_matrix = rec["server_matrix"].numpy().copy()
     recorder.started = time.time()
     _set_rng_state(state["rng"])
     return Resumed(done, model, teacher, means)
-
-
-def model_at_task(exp: Experiment, task: int) -> IncrementalNet:
-    """The architecture of the global model during `task` (head grown task by task,
-    with the same seeds as the runners, though the weights are loaded afterwards)."""
-    model = exp.build_model()
-    for t in range(1, task + 1):
-        model = grow_for_task(model, len(exp.tasks[t]), seed=exp.cfg.seed * 1000 + t)
-    return model
 
 
 def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -215,6 +207,10 @@ def _recorder_state(recorder: Recorder) -> dict[str, Any]:
         "matrix": torch.from_numpy(np.asarray(recorder.matrix, dtype=np.float64)),
         "task_results": _plain(recorder.task_results),
         "elapsed": recorder.elapsed_before + time.time() - recorder.started,
+        "site_accuracy": _plain(recorder.site_accuracy),
+        "server_matrix": torch.from_numpy(
+            np.asarray(recorder.server_matrix, dtype=np.float64)
+        ),
     }
 
 

@@ -24,6 +24,11 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class DataConfig:
     root: str = ""  # CIFAR-100 Parquet/pickle folder or echo manifest folder
+    # input normalisation, comma-separated per channel on the 0..1 scale ("": the
+    # dataset's constants); fixed by the study so every site feeds the model the
+    # same space, never computed from one site's pixels
+    mean: str = ""
+    std: str = ""
     max_per_class: int = 0  # subsample each class of each split for quick runs (0: all)
     image_size: int = 0  # side length fed to the model (0: the dataset's default)
     val_fraction: float = 0.1  # share of training data held out for model selection
@@ -97,7 +102,6 @@ class ClassImpressionConfig:
 @dataclass(frozen=True)
 class FederationConfig:
     strategy: str = "fedavg"  # fedavg | median | trimmed_mean | krum
-    fraction_train: float = 1.0
     min_sites: int = 1  # fewest valid replies a round needs
     timeout: float = 600.0  # seconds a round waits for replies
     trim_beta: float = 0.2
@@ -144,6 +148,10 @@ class BaselinesConfig:
 class Config:
     method: str = "finetune"
     dataset: str = "echo-synth"  # cifar100 | echo | echo-synth
+    # the study's classes by name, comma-separated, in the dataset's numbering that
+    # `class_order` permutes ("": the dataset's own names: echo views A2C, A3C, A4C,
+    # PLAX, PSAX; CIFAR-100's official fine labels); sites agree on label ids by name
+    classes: str = ""
     model: str = "auto"  # auto | resnet32 | resnet18 | echo_net
     head: str = "cosine"  # cosine | linear
     # start of the cosine head's learnable scale eta (upstream 1.0; at 1.0 the logits
@@ -166,7 +174,10 @@ class Config:
     device: str = "auto"  # cpu | cuda | auto
     amp: bool = True  # bf16 autocast on CUDA
     seed: int = 0
-    num_workers: int = 0
+    # who evaluates the global model: the sites on their own held-out patients
+    # (summed per-class counts), the server on its own test set, or both (the
+    # accuracy matrix then comes from the sites, the server's is kept beside it)
+    evaluation: str = "server"  # sites | server | both
     data: DataConfig = field(default_factory=DataConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
@@ -224,12 +235,21 @@ class Config:
     def replace(self, **changes: Any) -> Config:
         return replace(self, **changes)
 
-    # ----- derived --------------------------------------------------------------------
-    @property
-    def num_classes(self) -> int:
-        from fl_ci.data.registry import dataset_num_classes
 
-        return dataset_num_classes(self.dataset)
+def parse_floats(key: str, text: str) -> tuple[float, ...]:
+    """`"0.5, 0.25"` -> (0.5, 0.25); a ConfigError naming `key` otherwise."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(
+            f"config key '{key}' must be comma-separated numbers, got {text!r}"
+        ) from None
+    return values
+
+
+def parse_names(text: str) -> list[str]:
+    """`"A2C, A3C"` -> ["A2C", "A3C"] (a name list in a Flower-safe string)."""
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 _CHOICES: dict[str, tuple[str, ...]] = {
@@ -238,6 +258,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "head": ("cosine", "linear"),
     "class_order": ("natural", "abd", "target"),
     "device": ("cpu", "cuda", "auto"),
+    "evaluation": ("sites", "server", "both"),
     "lr_schedule": ("cosine", "constant"),
     "partition.scheme": ("iid", "dirichlet", "device", "schedule"),
     "synthesis.init": ("mean", "random"),
@@ -258,7 +279,7 @@ _NON_NEGATIVE = {
     "data.max_per_class", "data.image_size", "synthesis.batch_size", "synthesis.lr",
     "synthesis.warmup", "synthesis.init_noise", "synthesis.jitter",
     "synthesis.min_mean_count", "synthesis.mean_noise_std", "ci.margin_weight",
-    "ci.contrastive_weight", "ci.top_k", "num_workers", "federation.min_sites",
+    "ci.contrastive_weight", "ci.top_k", "federation.min_sites",
     "federation.retries", "federation.dp_clip_norm", "federation.dp_noise_multiplier",
     "federation.cpus_per_site", "federation.gpus_per_site",
     "partition.min_per_site", "baselines.kd_weight", "baselines.lwm_weight",
@@ -272,7 +293,6 @@ _UNIT = {
     "data.unlabelled_fraction",
     "ci.synthetic_ratio",
     "ci.rho",
-    "federation.fraction_train",
     "baselines.synthetic_ratio",
 }
 

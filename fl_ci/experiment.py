@@ -1,32 +1,27 @@
-"""One class-incremental study: data, task schedule, sites, and what each side does.
+"""A simulated study: one dataset, split over virtual sites.
 
-The same functions serve the single-machine runner and the Flower apps:
-- `Experiment.from_config` loads the data, fixes the class order and the task split;
-- `Experiment.site_data` is a site's real training data for a task;
-- `grow_for_task` is the server's step at a task boundary;
-- `site_round` is one site's local round (method hooks inside the one trainer);
-- `evaluate` fills a row of the accuracy matrix.
+Simulations (and the coordinator's own audit set) hold the whole study's data:
+`Experiment.from_config` loads it in model labels (the plan's order);
+`Experiment.site_data` is a virtual site's share of a task's training rows (Flower
+Datasets' partitioners, seeded); `Experiment.site(k)` is site k's view of it with
+the same interface as a hospital's own folder (`fl_ci.site.OwnData`), including its
+share of the held-out patients for federated evaluation. In a deployment no process
+holds an `Experiment`: each site reads only its own folder.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
-import secrets
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from fl_ci.config import Config, ConfigError
-from fl_ci.data.base import DataError, ImageData, batches, patient_groups, valid_range
+from fl_ci.data.base import ImageData, patient_groups
 from fl_ci.data.partition import check_partitions, partition_task
-from fl_ci.data.registry import Splits, load_splits, relabel
-from fl_ci.data.scenario import apply_schedule, class_order, parse_schedule, task_splits
-from fl_ci.methods import SiteContext, SiteStore, build_method
-from fl_ci.models import IncrementalNet, build_model, model_for
-from fl_ci.synthesis import ClassMeans
-from fl_ci.trainer import resolve_device, train_round
+from fl_ci.data.registry import Splits, load_splits
+from fl_ci.models import IncrementalNet
+from fl_ci.plan import StudyPlan
 
 log = logging.getLogger("fl_ci")
 
@@ -35,71 +30,47 @@ log = logging.getLogger("fl_ci")
 class Experiment:
     """The data and the schedule of one study, in model labels (arrival order)."""
 
-    cfg: Config
+    plan: StudyPlan
     splits: Splits
-    tasks: list[list[int]]
-    schedule: dict[int, dict[int, int]] = field(default_factory=dict)
     _parts: dict[int, list[torch.Tensor]] = field(default_factory=dict, repr=False)
     _pool_parts: list[torch.Tensor] | None = field(default=None, repr=False)
+    _held_out: dict[str, list[torch.Tensor]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_config(cls, cfg: Config) -> Experiment:
-        raw = load_splits(cfg)
-        k = cfg.num_classes
-        order = class_order(k, cfg.class_order, cfg.order_seed)
-        positions = task_splits(k, cfg.tasks, cfg.init_classes)
-        tasks_ds = [[order[p] for p in s] for s in positions]
-        schedule_ds: dict[int, dict[int, int]] = {}
-        if cfg.partition.scheme == "schedule":
-            if not cfg.partition.schedule:
-                raise ConfigError(
-                    "config key 'partition.schedule' is empty but 'partition.scheme' "
-                    "is 'schedule'"
-                )
-            schedule_ds = parse_schedule(
-                cfg.partition.schedule, raw.class_names, cfg.sites
-            )
-            tasks_ds = apply_schedule(tasks_ds, schedule_ds)
-        final_order = [c for t in tasks_ds for c in t]
-        rank = {c: i for i, c in enumerate(final_order)}
-        splits = Splits(
-            *(relabel(s, final_order) for s in (raw.train, raw.val, raw.test)),
-            unlabelled=(
-                relabel(raw.unlabelled, final_order)
-                if raw.unlabelled is not None
-                else None
-            ),
-            skipped=raw.skipped,
-        )
-        tasks, start = [], 0
-        for t in tasks_ds:
-            tasks.append(list(range(start, start + len(t))))
-            start += len(t)
-        schedule = {rank[c]: sites for c, sites in schedule_ds.items()}
-        return cls(cfg, splits, tasks, schedule)
+        plan = StudyPlan.from_config(cfg)
+        return cls(plan, load_splits(cfg, plan))
+
+    @property
+    def cfg(self) -> Config:
+        return self.plan.cfg
+
+    @property
+    def tasks(self) -> list[list[int]]:
+        return self.plan.tasks
+
+    @property
+    def schedule(self) -> dict[int, dict[int, int]]:
+        return self.plan.schedule
 
     # ----- shape of the study ------------------------------------------------------
     @property
     def class_names(self) -> list[str]:
-        return self.splits.class_names
+        return self.plan.class_names
 
     def seen(self, task: int) -> int:
         """Classes known after `task`."""
-        return sum(len(t) for t in self.tasks[: task + 1])
+        return self.plan.seen(task)
 
     def build_model(self) -> IncrementalNet:
         """The model at task 0, before any training."""
-        cfg = self.cfg
-        # seeded without touching the caller's random state: same seed, same weights
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            return build_model(
-                model_for(cfg.dataset, cfg.model),
-                num_classes=len(self.tasks[0]),
-                in_channels=self.splits.train.channels,
-                head=cfg.head,
-                head_scale=cfg.head_scale,
-            )
+        return self.plan.build_model()
+
+    def site(self, site: int) -> SimulatedSite:
+        """Virtual site `site`'s view of the study's data."""
+        if not 0 <= site < self.cfg.sites:
+            raise ConfigError(f"site {site} is not in 0..{self.cfg.sites - 1}")
+        return SimulatedSite(self, site)
 
     # ----- data at a site ------------------------------------------------------------
     def site_data(
@@ -145,232 +116,138 @@ class Experiment:
         return task_rows, self._parts[task]
 
     def unlabelled(self, task: int, site: int, data: ImageData) -> ImageData:
-        """The contrastive target at `site` (`ci.target`); the method never reads its
-        labels. task_data: the site's own task images. unlabelled: the site's share
-        of the unlabelled exams, of the classes it has received by `task` (a hospital
-        images only the views it performs). test: the test images of every class seen
-        (the paper's transductive choice, reported as such)."""
-        target = self.cfg.ci.target
-        if target == "test":
-            return self.test_data(task)
-        if target == "task_data":
-            return data
+        """The contrastive target at `site` (`contrastive_target`)."""
         pool = self.splits.unlabelled
         if pool is None or len(pool) == 0:
-            raise ConfigError(
-                "config key 'ci.target' = 'unlabelled' needs unlabelled exams: set "
-                "'data.unlabelled_fraction' above 0"
-            )
-        if self._pool_parts is None:
-            self._pool_parts = split_exams(pool, self.cfg)
-        mine = pool.subset(self._pool_parts[site])
-        mine = mine.of_classes(self.classes_received(task, site))
-        if len(mine) == 0:
-            log.warning(
-                "site %d, task %d: no unlabelled exams of its classes; the contrastive "
-                "target falls back to its task images",
-                site,
-                task,
-            )
-            return data
-        return mine
+            pool = None
+        elif self.cfg.ci.target == "unlabelled":
+            if self._pool_parts is None:
+                self._pool_parts = split_exams(pool, self.cfg)
+            pool = pool.subset(self._pool_parts[site])
+        return contrastive_target(
+            self.cfg,
+            data,
+            pool=pool,
+            test=lambda: self.test_data(task),
+            received=self.classes_received(task, site),
+            where=f"site {site}, task {task}",
+        )
 
     def classes_received(self, task: int, site: int) -> list[int]:
         """Classes `site` has received labelled data of by `task` (its schedule)."""
-        return [
-            c
-            for c in range(self.seen(task))
-            if c not in self.schedule or self.schedule[c].get(site, task + 1) <= task
-        ]
+        return self.plan.classes_received(task, site)
 
     def test_data(self, task: int) -> ImageData:
-        return self.splits.test.of_classes(list(range(self.seen(task))))
+        return self.held_out("test", task)
+
+    def held_out(self, split: str, task: int, site: int | None = None) -> ImageData:
+        """Validation or test rows of every class seen after `task`: all of them
+        (central evaluation) or `site`'s share (federated evaluation; the shares
+        partition the split, so their per-class counts sum to the central ones)."""
+        data = getattr(self.splits, split)
+        if site is not None:
+            if split not in self._held_out:
+                self._held_out[split] = split_exams(data, self.cfg, salt=_SALT[split])
+            data = data.subset(self._held_out[split][site])
+        return data.of_classes(list(range(self.seen(task))))
 
 
-def split_exams(pool: ImageData, cfg: Config) -> list[torch.Tensor]:
-    """Rows of each site's unlabelled exams: whole patients (an exam belongs to one
-    hospital), by device under `partition.scheme = "device"`, else at random (seeded).
-    Rows without a patient id count as one patient each."""
+# seed offsets of the patient splits over sites (the unlabelled exams keep 1)
+_SALT = {"val": 2, "test": 3}
+
+
+@dataclass
+class SimulatedSite:
+    """One virtual site's data in a simulation: the interface of `OwnData`."""
+
+    exp: Experiment
+    number: int
+
+    @property
+    def plan(self) -> StudyPlan:
+        return self.exp.plan
+
+    @property
+    def cfg(self) -> Config:
+        return self.exp.cfg
+
+    @property
+    def skipped(self) -> list[str]:
+        return self.exp.splits.skipped
+
+    def train(self, task: int, classes: list[int] | None = None) -> ImageData:
+        return self.exp.site_data(task, self.number, classes)
+
+    def unlabelled(self, task: int, data: ImageData) -> ImageData:
+        return self.exp.unlabelled(task, self.number, data)
+
+    def held_out(self, split: str, task: int) -> ImageData:
+        return self.exp.held_out(split, task, self.number)
+
+    def test_images(self, task: int) -> ImageData:
+        """The study's test images of every class seen (`ci.target = "test"`)."""
+        return self.exp.held_out("test", task)
+
+    def row_counts(self) -> dict[str, int]:
+        """Rows this site holds over the whole study, by split."""
+        parts = [self.exp.site_data(t, self.number) for t in range(len(self.exp.tasks))]
+        return {
+            "train": sum(len(p) for p in parts),
+            "val": len(self.held_out("val", len(self.exp.tasks) - 1)),
+            "test": len(self.held_out("test", len(self.exp.tasks) - 1)),
+            "skipped": len(self.skipped),
+        }
+
+
+def contrastive_target(
+    cfg: Config,
+    data: ImageData,
+    *,
+    pool: ImageData | None,
+    test,
+    received: list[int],
+    where: str,
+) -> ImageData:
+    """The contrastive target (`ci.target`); the method never reads its labels.
+    task_data: the site's own task images `data`. unlabelled: the site's unlabelled
+    exams `pool` (None: the study has none), of the classes it has `received` (a
+    hospital images only the views it performs). test: `test()`, the test images of every class seen (the paper's
+    transductive choice, reported as such)."""
+    target = cfg.ci.target
+    if target == "test":
+        return test()
+    if target == "task_data":
+        return data
+    if pool is None:
+        raise ConfigError(
+            "config key 'ci.target' = 'unlabelled' needs unlabelled exams: set "
+            "'data.unlabelled_fraction' above 0"
+        )
+    mine = pool.of_classes(received)
+    if len(mine) == 0:
+        log.warning(
+            "%s: no unlabelled exams of its classes; the contrastive target falls "
+            "back to its task images",
+            where,
+        )
+        return data
+    return mine
+
+
+def split_exams(pool: ImageData, cfg: Config, salt: int = 1) -> list[torch.Tensor]:
+    """Rows of each site's exams (unlabelled, or held out for evaluation): whole
+    patients (an exam belongs to one hospital), by device under
+    `partition.scheme = "device"`, else at random (seeded with `seed + salt`). Rows
+    without a patient id count as one patient each."""
     if cfg.partition.scheme == "device":
         return partition_task(
             pool.labels, pool.devices, cfg.sites, cfg.partition, task=0, seed=cfg.seed
         )
     group = patient_groups(pool.patients)
     patients = int(group.max()) + 1 if len(group) else 0
-    generator = torch.Generator().manual_seed(cfg.seed + 1)
+    generator = torch.Generator().manual_seed(cfg.seed + salt)
     shuffled = torch.randperm(patients, generator=generator)
     site_of = torch.empty(patients, dtype=torch.long)
     for site, chunk in enumerate(torch.tensor_split(shuffled, cfg.sites)):
         site_of[chunk] = site
     return [torch.nonzero(site_of[group] == s).flatten() for s in range(cfg.sites)]
-
-
-# ----- the server's side -------------------------------------------------------------
-def grow_for_task(
-    model: IncrementalNet, new_classes: int, seed: int = 0
-) -> IncrementalNet:
-    """The global model for a new task: the old model plus `new_classes` head rows
-    (initialised from `seed`, so server and single-machine runs agree)."""
-    grown = copy.deepcopy(model)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        grown.grow(new_classes)
-    return grown
-
-
-def average_new_rows(
-    state: dict[str, torch.Tensor],
-    site_states: list[dict[str, torch.Tensor]],
-    site_classes: list[list[int]],
-    weights: list[float],
-    num_old: int,
-) -> dict[str, torch.Tensor]:
-    """`state` with each new class's head rows (`head.new_*`, row i = class
-    num_old + i) averaged over the sites that hold data of that class, weighted by
-    `weights` (example counts). With rehearsal, sites that trained without a class
-    only pushed its row away from the old classes; averaging them in would wash the
-    class out. A class no site holds keeps `state`'s rows."""
-    out = dict(state)
-    for key in (k for k in state if k.startswith("head.new_")):
-        rows = state[key].clone()  # [n_new, D] or [n_new]
-        for i in range(rows.shape[0]):
-            holders = [j for j, held in enumerate(site_classes) if num_old + i in held]
-            total = sum(weights[j] for j in holders)
-            if not holders or total <= 0:
-                continue
-            rows[i] = (
-                sum(site_states[j][key][i].double() * weights[j] for j in holders)
-                .div(total)
-                .to(rows.dtype)
-            )
-        out[key] = rows
-    return out
-
-
-# ----- one site's round --------------------------------------------------------------
-def site_round(
-    exp: Experiment,
-    model: IncrementalNet,
-    teacher: IncrementalNet | None,
-    *,
-    task: int,
-    round: int,
-    site: int,
-    class_means: ClassMeans | torch.Tensor | None = None,
-    store: SiteStore | None = None,
-    progress: bool = True,
-) -> tuple[IncrementalNet, dict[str, Any]]:
-    """Train `model` (already grown for `task`) at `site` for one round."""
-    cfg = exp.cfg
-    method = build_method(cfg)
-    new_classes = exp.tasks[task]
-    device = resolve_device(cfg.device)
-    ctx = SiteContext(
-        cfg=cfg,
-        task=task,
-        round=round,
-        site=site,
-        new_classes=new_classes,
-        num_old=new_classes[0],
-        data=exp.splits.train.subset(torch.zeros(0, dtype=torch.long)),
-        teacher=teacher,
-        class_means=class_means,
-        unlabelled=None,
-        device=device,
-        store=store or SiteStore(),
-        seed=cfg.seed,
-        progress=progress,
-    )
-    ctx.data = exp.site_data(task, site, method.train_classes(ctx))
-    rehearse = cfg.federation.rehearse and teacher is not None
-    if len(ctx.data) == 0 and not rehearse:
-        raise DataError(f"site {site} has no training data for task {task}")
-    ctx.unlabelled = exp.unlabelled(task, site, ctx.data)
-    method.begin_task(model, ctx)
-    if len(ctx.data) == 0 and (
-        method.extra_share(ctx) == 0 or not method.replay_size()
-    ):
-        raise DataError(
-            f"site {site} has no training data for task {task}, and {method.name} "
-            "has no synthetic replay to rehearse on"
-        )
-    method.prepare_model(model, ctx)
-    metrics = train_round(model, method, ctx)
-    if round == cfg.rounds_per_task - 1:
-        metrics.update(method.end_task(model, ctx))
-    model.to("cpu")
-    if teacher is not None:
-        teacher.to("cpu")
-    return model, metrics
-
-
-def site_class_means(exp: Experiment, task: int, site: int) -> ClassMeans:
-    """(sum, count) per class of the site's task data, in normalised input space."""
-    return ClassMeans.from_data(exp.site_data(task, site), classes=exp.tasks[task])
-
-
-def shared_class_means(
-    exp: Experiment, task: int, site: int, store: SiteStore
-) -> ClassMeans:
-    """What a site shares of its class means: only classes with at least
-    `synthesis.min_mean_count` images, with `synthesis.mean_noise_std` noise drawn from
-    a secret seed. The noisy means are kept in the site's store, so a retried round
-    sends the same ones (fresh noise would be a second release); a seed derived from
-    the run config would let the server regenerate the noise and subtract it."""
-    scfg = exp.cfg.synthesis
-    mine = site_class_means(exp, task, site).restricted(scfg.min_mean_count)
-    if scfg.mean_noise_std <= 0:
-        return mine
-    key = f"shared-means-task{task}"
-    kept = store.get(key)
-    if kept is not None:
-        return ClassMeans(kept["sums"], kept["counts"])
-    generator = torch.Generator().manual_seed(secrets.randbits(63))
-    noisy = mine.with_noise(scfg.mean_noise_std, generator)
-    store.put(key, {"sums": noisy.sums, "counts": noisy.counts})
-    return noisy
-
-
-# ----- evaluation --------------------------------------------------------------------
-@torch.no_grad()
-def predict(
-    model: IncrementalNet, data: ImageData, device, batch_size: int
-) -> torch.Tensor:
-    model.to(device).eval()
-    preds = [
-        model(x).argmax(1).cpu()
-        for x, _ in batches(data, batch_size, train=False, device=device)
-    ]
-    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
-
-
-def evaluate(
-    exp: Experiment, model: IncrementalNet, task: int, split: str = "test"
-) -> dict:
-    """Accuracy (%) on each task's classes so far, over all classes seen (one R row)."""
-    cfg = exp.cfg
-    data = getattr(exp.splits, split).of_classes(list(range(exp.seen(task))))
-    device = resolve_device(cfg.device)
-    pred = predict(model, data, device, cfg.eval_batch_size)
-    correct = (pred == data.labels).float()
-    per_task = []
-    for classes in exp.tasks[: task + 1]:
-        mask = torch.isin(data.labels, torch.tensor(classes))
-        per_task.append(
-            100 * float(correct[mask].mean()) if mask.any() else float("nan")
-        )
-    n_old = exp.tasks[task][0]
-    old = data.labels < n_old
-    return {
-        "per_task": per_task,
-        "accuracy": 100 * float(correct.mean()) if len(correct) else float("nan"),
-        "old_accuracy": 100 * float(correct[old].mean()) if old.any() else float("nan"),
-        "new_accuracy": 100 * float(correct[~old].mean())
-        if (~old).any()
-        else float("nan"),
-        "examples": len(data),
-    }
-
-
-def image_bounds(exp: Experiment) -> tuple[torch.Tensor, torch.Tensor]:
-    return valid_range(exp.splits.train.mean, exp.splits.train.std)

@@ -132,3 +132,32 @@ def old_new_accuracy(
     y = _labels(labels)
     old = y < n_old
     return accuracy(pred[old], y[old]), accuracy(pred[~old], y[~old])
+
+
+def accuracy_from_counts(
+    correct: Any, total: Any, tasks: list[list[int]], task: int
+) -> dict[str, Any]:
+    """One row of R and the old/new split from per-class counts after `task`.
+
+    `correct[c]` and `total[c]` count class c's test predictions (summed over sites
+    in federated evaluation). Accuracy over a set of classes is the share of its
+    images predicted right (micro average): per task j <= `task`, over all classes
+    seen, over the old classes (before `task`) and the new ones; NaN where a set has
+    no image.
+    """
+    correct = np.asarray(correct, dtype=np.int64)
+    total = np.asarray(total, dtype=np.int64)
+
+    def share(classes: list[int]) -> float:
+        n = int(total[classes].sum()) if classes else 0
+        return 100.0 * int(correct[classes].sum()) / n if n else float("nan")
+
+    seen = [c for t in tasks[: task + 1] for c in t]
+    n_old = tasks[task][0]
+    return {
+        "per_task": [share(list(t)) for t in tasks[: task + 1]],
+        "accuracy": share(seen),
+        "old_accuracy": share([c for c in seen if c < n_old]),
+        "new_accuracy": share([c for c in seen if c >= n_old]),
+        "examples": int(total[seen].sum()),
+    }

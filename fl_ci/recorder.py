@@ -49,6 +49,10 @@ class Recorder:
         self.task_results: list[dict[str, Any]] = []
         self.started = time.time()
         self.elapsed_before = 0.0  # wall time of earlier attempts of a resumed run
+        # after each task: {site: [test accuracy, ...]} from the sites' own counts,
+        # and the server's own test row when both evaluate (evaluation = "both")
+        self.site_accuracy: dict[str, list[float]] = {}
+        self.server_matrix = np.full((len(tasks), len(tasks)), np.nan)
 
     def add_row(self, **row: Any) -> None:
         self.rows.append(row)
@@ -68,21 +72,15 @@ class Recorder:
             accuracy_mean_over_tasks=float(np.nanmean(result["per_task"])),
         )
 
-    def test_task(self, exp, model, task: int, progress: bool = True) -> dict[str, Any]:
-        """Evaluate `model` on the test data of every class seen after `task`, record
-        the accuracy-matrix row and print it."""
-        from fl_ci.experiment import evaluate
+    def add_site_task(self, site: Any, task: int, result: dict[str, Any]) -> None:
+        """Site `site`'s test accuracy after `task`, from its own held-out counts."""
+        accuracies = self.site_accuracy.setdefault(str(site), [])
+        accuracies += [math.nan] * (task - len(accuracies))
+        accuracies[task:] = [result["accuracy"]]
 
-        result = evaluate(exp, model, task, split="test")
-        self.add_task(task, result)
-        if progress:
-            print(
-                f"task {task}: {exp.seen(task)} classes seen, test accuracy "
-                f"{result['accuracy']:.2f}% (old {result['old_accuracy']:.2f}%, "
-                f"new {result['new_accuracy']:.2f}%)",
-                flush=True,
-            )
-        return result
+    def add_server_task(self, task: int, result: dict[str, Any]) -> None:
+        """The server's own test row after `task`, beside the sites' (both)."""
+        self.server_matrix[task, : task + 1] = result["per_task"]
 
     def summary(self) -> dict[str, Any]:
         done = len(self.task_results)
@@ -111,6 +109,13 @@ class Recorder:
             "classes_per_task": [len(t) for t in self.tasks],
             "classes_seen": seen,
             "class_names": self.class_names,
+            "evaluation": self.cfg.evaluation,
+            **({"site_accuracy": self.site_accuracy} if self.site_accuracy else {}),
+            **(
+                {"accuracy_matrix_server": self.server_matrix.tolist()}
+                if self.cfg.evaluation == "both"
+                else {}
+            ),
             "wall_seconds": self.elapsed_before + time.time() - self.started,
             "config": self.cfg.to_flat(),
         }

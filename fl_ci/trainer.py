@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from fl_ci.data.base import augmentation, batches
+from fl_ci.data.base import batches
+from fl_ci.data.registry import augmentation
 from fl_ci.methods.base import Batch, Method, SiteContext
 from fl_ci.models import IncrementalNet
 

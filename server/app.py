@@ -1,16 +1,15 @@
-"""Flower ServerApp: the task schedule, a growing head, checked replies, aggregation.
+"""Flower ServerApp: drives the one study loop (fl_ci/study.py) over Flower messages.
 
-`strategy.start()` cannot change the model between rounds, so this app owns the round
-loop: at each task boundary it freezes the global model as the teacher and grows the
-head by the task's classes; every round it sends model, shared class means and the
-run's config to the sites, and the teacher to each site that does not hold it yet
-(once per task, again only to a site that lost it), screens the replies (server/checks.py), and lets
-a Flower strategy (FedAvg, FedMedian, FedTrimmedAvg, Krum, optionally wrapped for
-central DP) aggregate the sound ones. A round with too few sound replies is sent
-again once, then the run stops with the model as it was; after every completed round
-the state is checkpointed in `out/checkpoint.pt`, and a run started again with the
-same `out` resumes there (fl_ci/checkpoint.py). Evaluation, metrics and output files
-are fl_ci's, the same as a single-machine run.
+The study owns the task schedule, head growth, teacher, class means, evaluation,
+recording and checkpoints; this app owns how a round's work reaches the sites and
+comes back. Every round it sends the model, the shared class means and the run's
+config to the sites, and the teacher to each site that does not hold it yet (once
+per task, again only to a site that lost it), screens the replies
+(server/checks.py), and lets a Flower strategy (FedAvg, FedMedian, FedTrimmedAvg,
+Krum, optionally wrapped for central DP) aggregate the sound ones. A round with too
+few sound replies is sent again once, then the run stops with the model as it was.
+With `evaluation = "sites"` it sends evaluate messages and the sites return per-class
+counts on their own held-out patients; the coordinator then loads no data at all.
 """
 
 from __future__ import annotations
@@ -35,20 +34,14 @@ from flwr.app import (
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
-from fl_ci.checkpoint import (
-    atomic_torch_save,
-    checkpoint_path,
-    end_of_round,
-    load_checkpoint,
-    restore,
-)
+from fl_ci.checkpoint import checkpoint_path
 from fl_ci.config import Config
-from fl_ci.experiment import Experiment, average_new_rows, evaluate, grow_for_task
 from fl_ci.methods.base import model_hash
 from fl_ci.privacy import central_dp_summary
-from fl_ci.recorder import Recorder
-from fl_ci.synthesis import ClassMeans
-from server.checks import Rejected, screen_replies, site_of
+from fl_ci.site import Counts
+from fl_ci.study import RoundResult, Step, Study, average_new_rows
+from fl_ci_flower import protocol as P
+from server.checks import Rejected, screen_replies, short_error, site_of
 from server.strategies import build_strategy, is_dp
 
 log = logging.getLogger("fl_ci.server")
@@ -56,25 +49,9 @@ log = logging.getLogger("fl_ci.server")
 app = ServerApp()
 
 
-# run-config keys that are not Config knobs: where to write, what to print, and two
-# test switches (documented in docs/reliability.md)
-RUNTIME_KEYS = frozenset(
-    {"out", "progress", "print-summary", "stop-after-round", "faults"}
-)
-
-
-def split_run_config(run_config: dict) -> tuple[Config, dict]:
-    """Flower's flat run-config -> (typed Config, runtime keys such as `out`)."""
-    runtime = {k: v for k, v in run_config.items() if k in RUNTIME_KEYS}
-    cfg = Config.from_flat(
-        {k: v for k, v in run_config.items() if k not in RUNTIME_KEYS}
-    )
-    return cfg, runtime
-
-
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    cfg, runtime = split_run_config(dict(context.run_config))
+    cfg, runtime = P.split_run_config(dict(context.run_config))
     out = Path(
         str(runtime.get("out") or f"runs/flower-{time.strftime('%Y%m%d-%H%M%S')}")
     )
@@ -91,18 +68,36 @@ def main(grid: Grid, context: Context) -> None:
         print(f"\nresults in {out.resolve()}", flush=True)
 
 
-def wait_for_sites(grid: Grid, sites: int, timeout: float) -> list[int]:
-    """Node ids once `sites` SuperNodes are connected; error after `timeout` s."""
-    deadline = time.monotonic() + timeout
+def wait_for_sites(
+    grid: Grid, sites: int, timeout: float, every: float = 10.0
+) -> list[int]:
+    """Node ids once `sites` SuperNodes are connected, saying every `every` s how
+    many are; an error after `timeout` s."""
+    started = time.monotonic()
+    said = started
     while True:
         nodes = sorted(grid.get_node_ids())
         if len(nodes) >= sites:
             return nodes
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if now - started > timeout:
             raise RuntimeError(
                 f"only {len(nodes)} of {sites} sites connected within {timeout:.0f} s"
+                f" (federation.timeout); {_MORE_NODES.format(sites=sites)}"
             )
+        if now - said >= every:
+            _say(
+                f"waiting for sites: {len(nodes)} of {sites} connected after "
+                f"{now - started:.0f} s; {_MORE_NODES.format(sites=sites)}"
+            )
+            said = now
         time.sleep(1.0)
+
+
+_MORE_NODES = (
+    "in Flower's simulation runtime start more with --federation-config "
+    '"num-supernodes={sites}", or run with --run-config "sites=N" for the N there'
+)
 
 
 class RoundFailed(RuntimeError):
@@ -126,178 +121,211 @@ def run_server(
 ) -> dict:
     """The whole study: every task, every round; writes `out` and returns the summary.
 
-    Resumes after the last round checkpointed in `out`, if any. `stop_after_round`
-    and `faults` are test switches (docs/reliability.md).
+    Resumes after the last round checkpointed in `out`, if any. The server loads the
+    study's data only when it evaluates itself (`evaluation` = "server" or "both").
+    `stop_after_round` and `faults` are test switches (docs/reliability.md).
     """
     out = Path(out)
-    exp = Experiment.from_config(cfg)
-    recorder = Recorder(cfg, exp.tasks, exp.class_names)
-    strategy = build_strategy(cfg)
-    model = exp.build_model()
-    teacher = None
-    means: ClassMeans | None = None
-    done = 0
-    state = load_checkpoint(out, cfg)
-    if state is not None:
-        resumed = restore(state, exp, recorder)
-        model, teacher, means = resumed.model, resumed.teacher, resumed.means
-        done = resumed.server_round
-        print(f"resuming {out} after round {done}", flush=True)
+    central = None
+    if cfg.evaluation in ("server", "both"):
+        from fl_ci.experiment import Experiment
+
+        central = Experiment.from_config(cfg)
+    driver = FlowerDriver(grid, cfg, out, faults)
+    study = Study(
+        cfg,
+        out,
+        central=central,
+        sites_eval=driver.evaluate if cfg.evaluation != "server" else None,
+        progress=progress,
+        stop_after_round=stop_after_round,
+        say=_say,
+    )
     wait_for_sites(grid, cfg.sites, cfg.federation.timeout)
-    flat = cfg.to_flat()
-    retries = cfg.federation.retries
-    needed = max(cfg.federation.min_sites, 1)
-    site_by_node: dict[int, int] = {}  # learnt from replies: names a failed node's site
-    sent_teacher: TeacherCopies | None = None
-    rounds = cfg.rounds_per_task
-    for task, classes in enumerate(exp.tasks):
-        first = task * rounds + 1
-        if first + rounds - 1 <= done:
-            continue  # the whole task was completed before a restart
-        if task > 0 and first > done:
-            teacher = copy.deepcopy(model).eval()
-            model = grow_for_task(model, len(classes), seed=cfg.seed * 1000 + task)
-        for rnd in range(rounds):
-            server_round = first + rnd
-            if server_round <= done:
-                continue
-            sent = ArrayRecord(torch_state_dict=model.state_dict())
-            started_at, started = time.time(), time.perf_counter()
-            base = {**flat, "task": task, "round": rnd, "out": str(out.resolve())}
-            if faults:
-                base["faults"] = faults
-            extra: dict[str, ArrayRecord] = {}  # the same for every attempt
-            if teacher is not None and (
-                sent_teacher is None or sent_teacher.model is not teacher
-            ):
-                sent_teacher = TeacherCopies(teacher)
-            if means is not None:
-                extra["means"] = means_record(means)
-            collected = RoundReplies()
-            for attempt in range(retries + 1):
-                config = ConfigRecord(
-                    {**base, "server-round": server_round, "attempt": attempt}
-                )
-                collect(
-                    grid,
-                    RecordDict({"arrays": sent, "config": config, **extra}),
-                    collected,
-                    timeout=cfg.federation.timeout,
-                    announced_classes=model.num_classes,
-                    max_norm_ratio=cfg.federation.max_norm_ratio,
-                    site_by_node=site_by_node,
-                    teacher=sent_teacher,
-                )
-                for note in collected.left_out:
-                    _say(f"round {server_round}: left out {note}")
-                if len(collected.good) >= needed:
-                    break
-                if attempt < retries:
-                    _say(
-                        f"round {server_round}: only {_replies(len(collected.good))}, "
-                        f"{needed} needed; sending the round to every site again "
-                        f"(attempt {attempt + 2} of {retries + 1})"
-                    )
-            else:
-                reasons = "; ".join(collected.left_out)
-                raise RoundFailed(
-                    f"round {server_round} (task {task}, round {rnd}): only "
-                    f"{_replies(len(collected.good))} after {retries + 1} attempts, "
-                    f"{needed} needed (federation.min_sites){': ' if reasons else ''}"
-                    f"{reasons[:2000]}. The global model was left as it was after "
-                    f"round {server_round - 1}"
-                    + (
-                        f", saved in {checkpoint_path(out)}: run again with the same "
-                        "output folder to resume"
-                        if server_round > 1
-                        else ""
-                    )
-                )
-            good, rejected = collected.good, collected.rejected
-            for reply in good:
-                skipped = int(reply.content["metrics"].get("skipped-items", 0))
-                if skipped:
-                    _say(
-                        f"round {server_round}: site {site_of(reply)} left out "
-                        f"{skipped} bad data item(s) (named in its log)"
-                    )
-            seconds = time.perf_counter() - started
-            num_examples = int(sum(r.content["metrics"]["num-examples"] for r in good))
-            new_state = aggregate(strategy, server_round, good, sent)
-            if cfg.federation.rehearse:
-                new_state = average_new_rows(
-                    new_state,
-                    [new_head_rows(r.content["arrays"]) for r in good],
-                    [list(r.content["metrics"].get("classes", [])) for r in good],
-                    [float(r.content["metrics"]["num-examples"]) for r in good],
-                    num_old=exp.tasks[task][0],
-                )
-            model.load_state_dict(new_state)
-            if rnd == rounds - 1:
-                shared = [
-                    means_from_record(r.content["means"])
-                    for r in sorted(good, key=_site_key)
-                    if "means" in r.content.array_records
-                ]
-                if shared:
-                    task_means = sum(shared[1:], shared[0])
-                    means = task_means if means is None else means + task_means
-            val = evaluate(exp, model, task, split="val")
-            recorder.add_row(
-                task=task,
-                round=rnd,
-                server_round=server_round,
-                split="val",
-                accuracy=val["accuracy"],
-                old_accuracy=val["old_accuracy"],
-                new_accuracy=val["new_accuracy"],
-                sites_replied=collected.replied,
-                sites_aggregated=len(good),
-                # sites without new data that trained on replay (federation.rehearse)
-                sites_rehearsing=sum(
-                    int(r.content["metrics"].get("rehearsal", 0)) for r in good
-                ),
-                sites_rejected=len(rejected),
-                attempts=collected.attempts,
-                left_out="; ".join(collected.notes)[:2000],
-                started_at=started_at,
-                round_seconds=seconds,
-                bytes_sent=collected.bytes_sent,
-                bytes_received=collected.bytes_received,
-                num_examples=num_examples,
-            )
-            if progress:
-                print(
-                    f"task {task} round {rnd}: {len(good)}/{collected.sites} sites, val "
-                    f"accuracy {val['accuracy']:.2f}%, {seconds:.1f} s, "
-                    f"{collected.bytes_sent / 1e6:.1f} MB sent",
-                    flush=True,
-                )
-            if rnd == rounds - 1:
-                recorder.test_task(exp, model, task, progress)
-                recorder.write(out)  # outputs so far, after every task
-            end_of_round(
-                out,
-                cfg=cfg,
-                server_round=server_round,
-                model=model,
-                teacher=teacher,
-                means=means,
-                recorder=recorder,
-                stop_after_round=stop_after_round,
-            )
+    for step in study.rounds():
+        study.finish_round(step, driver.run_round(step))
     privacy = None
-    if is_dp(strategy):  # site-level privacy spent, over every aggregated round
+    if is_dp(driver.strategy):  # site-level privacy spent, over every aggregated round
         aggregated = [
-            r["sites_aggregated"] for r in recorder.rows if r["split"] == "val"
+            r["sites_aggregated"] for r in study.recorder.rows if r["split"] == "val"
         ]
         privacy = central_dp_summary(
             cfg.federation.dp_noise_multiplier, cfg.sites, aggregated
         )
-    summary = recorder.write(out, extra=privacy)
-    atomic_torch_save(model.state_dict(), out / "model.pt")
-    summary["table"] = recorder.table()
-    return summary
+    extra = {**(privacy or {}), "sites_data": driver.site_rows}
+    return study.finish(extra=extra)
+
+
+class FlowerDriver:
+    """How a round reaches the sites and comes back, over Flower messages."""
+
+    def __init__(self, grid: Grid, cfg: Config, out: Path, faults: str = "") -> None:
+        self.grid, self.cfg, self.out, self.faults = grid, cfg, out, faults
+        self.strategy = build_strategy(cfg)
+        self.flat = cfg.to_flat()
+        self.site_by_node: dict[int, int] = {}  # learnt from replies
+        self.site_rows: dict[str, dict[str, int]] = {}  # rows each site reported
+        self.sent_teacher: TeacherCopies | None = None
+
+    def _config(self, step_task: int, **position) -> dict:
+        base = {**self.flat, P.TASK: step_task, "out": str(self.out.resolve())}
+        if self.faults:
+            base["faults"] = self.faults
+        return {**base, **position}
+
+    def run_round(self, step: Step) -> RoundResult:
+        """Send the round to every site (again, once, if too few sound replies came
+        back), aggregate the sound replies; RoundFailed if there are too few."""
+        cfg, server_round = self.cfg, step.server_round
+        model, teacher = step.model, step.teacher
+        sent = ArrayRecord(torch_state_dict=model.state_dict())
+        started_at, started = time.time(), time.perf_counter()
+        base = self._config(step.task, **{P.ROUND: step.round})
+        extra: dict[str, ArrayRecord] = {}  # the same for every attempt
+        if teacher is not None and (
+            self.sent_teacher is None or self.sent_teacher.model is not teacher
+        ):
+            self.sent_teacher = TeacherCopies(teacher)
+        if step.means is not None:
+            extra[P.MEANS] = P.means_record(step.means)
+        retries = cfg.federation.retries
+        needed = max(cfg.federation.min_sites, 1)
+        collected = RoundReplies()
+        for attempt in range(retries + 1):
+            config = ConfigRecord(
+                {**base, P.SERVER_ROUND: server_round, P.ATTEMPT: attempt}
+            )
+            collect(
+                self.grid,
+                RecordDict({P.ARRAYS: sent, P.CONFIG: config, **extra}),
+                collected,
+                timeout=cfg.federation.timeout,
+                announced_classes=model.num_classes,
+                max_norm_ratio=cfg.federation.max_norm_ratio,
+                site_by_node=self.site_by_node,
+                teacher=self.sent_teacher if teacher is not None else None,
+            )
+            for note in collected.sat_out:
+                _say(f"round {server_round}: {note}")
+            for note in collected.left_out:
+                _say(f"round {server_round}: left out {note}")
+            if len(collected.good) >= needed:
+                break
+            if attempt < retries:
+                _say(
+                    f"round {server_round}: only {_replies(len(collected.good))}, "
+                    f"{needed} needed; sending the round to every site again "
+                    f"(attempt {attempt + 2} of {retries + 1})"
+                )
+        else:
+            reasons = "; ".join(collected.left_out + collected.sat_out)
+            raise RoundFailed(
+                f"round {server_round} (task {step.task}, round {step.round}): only "
+                f"{_replies(len(collected.good))} after {retries + 1} attempts, "
+                f"{needed} needed (federation.min_sites){': ' if reasons else ''}"
+                f"{reasons[:2000]}. The global model was left as it was after "
+                f"round {server_round - 1}"
+                + (
+                    f", saved in {checkpoint_path(self.out)}: run again with the same "
+                    "output folder to resume"
+                    if server_round > 1
+                    else ""
+                )
+            )
+        good = collected.good
+        for reply in good:
+            self._note_site_data(server_round, reply)
+        seconds = time.perf_counter() - started
+        metrics = [r.content[P.METRICS] for r in good]
+        num_examples = int(sum(m[P.NUM_EXAMPLES] for m in metrics))
+        new_state = aggregate(self.strategy, server_round, good, sent)
+        if cfg.federation.rehearse:
+            new_state = average_new_rows(
+                new_state,
+                [new_head_rows(r.content[P.ARRAYS]) for r in good],
+                [list(m.get(P.CLASSES, [])) for m in metrics],
+                [float(m[P.NUM_EXAMPLES]) for m in metrics],
+                num_old=step.model.num_old_classes,
+            )
+        means = None
+        if step.last:
+            shared = [
+                P.means_from_record(r.content[P.MEANS])
+                for r in sorted(good, key=_site_key)
+                if P.MEANS in r.content.array_records
+            ]
+            means = sum(shared[1:], shared[0]) if shared else None
+        row = {
+            "sites_replied": collected.replied,
+            "sites_aggregated": len(good),
+            # sites without new data that trained on replay (federation.rehearse)
+            "sites_rehearsing": sum(int(m.get(P.REHEARSAL, 0)) for m in metrics),
+            "sites_sat_out": len(collected.sat_out),
+            "sites_rejected": len(collected.rejected),
+            "attempts": collected.attempts,
+            "left_out": "; ".join(collected.notes)[:2000],
+            "started_at": started_at,
+            "round_seconds": seconds,
+            "bytes_sent": collected.bytes_sent,
+            "bytes_received": collected.bytes_received,
+            "num_examples": num_examples,
+        }
+        note = (
+            f"{len(good)}/{collected.sites} sites, {seconds:.1f} s, "
+            f"{collected.bytes_sent / 1e6:.1f} MB sent"
+        )
+        return RoundResult(new_state, means, row, note)
+
+    def _note_site_data(self, server_round: int, reply: Message) -> None:
+        """Keep the rows a site reports; say which bad items it left out."""
+        metrics = reply.content[P.METRICS]
+        site = site_of(reply)
+        self.site_rows[str(site)] = {
+            k.removeprefix(P.ROWS): int(v)
+            for k, v in metrics.items()
+            if k.startswith(P.ROWS)
+        }
+        skipped = int(metrics.get(P.SKIPPED_ITEMS, 0))
+        if skipped:
+            named = []
+            if P.NOTES in reply.content.config_records:
+                named = list(reply.content[P.NOTES].get(P.SKIPPED, []))
+            _say(
+                f"round {server_round}: site {site} left out {skipped} bad data "
+                f"item(s): " + "; ".join(str(n) for n in named[:5])
+                + ("; ..." if skipped > 5 else "")
+            )
+
+    def evaluate(
+        self, model: torch.nn.Module, task: int, splits: list[str]
+    ) -> dict[int | str, dict[str, Counts]]:
+        """The global model at every connected site: {site: {split: counts}}."""
+        config = ConfigRecord(self._config(task, **{P.SPLITS: ",".join(splits)}))
+        content = RecordDict(
+            {P.ARRAYS: ArrayRecord(torch_state_dict=model.state_dict()), P.CONFIG: config}
+        )
+        nodes = sorted(self.grid.get_node_ids())
+        messages = [
+            Message(content=copy.copy(content), dst_node_id=n, message_type="evaluate")
+            for n in nodes
+        ]
+        replies = list(
+            self.grid.send_and_receive(messages, timeout=self.cfg.federation.timeout)
+        )
+        out: dict[int | str, dict[str, Counts]] = {}
+        for reply in replies:
+            site = site_of(reply, self.site_by_node)
+            if reply.has_error():
+                _say(f"evaluation: site {site}: {short_error(reply.error.reason)}")
+            elif P.PROBLEM in reply.content.config_records:
+                reason = reply.content[P.PROBLEM].get(P.REASON, "unknown problem")
+                _say(f"evaluation: site {site} reported: {reason}")
+            else:
+                out[site] = P.counts_from_record(reply.content[P.COUNTS], splits)
+        missing = len(nodes) - len(out)
+        if missing:
+            _say(f"evaluation at task {task}: {missing} of {len(nodes)} site(s) gave no counts")
+        return dict(sorted(out.items(), key=lambda kv: str(kv[0])))
 
 
 @dataclass
@@ -307,6 +335,7 @@ class RoundReplies:
     good: list[Message] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
     left_out: list[str] = field(default_factory=list)  # the last attempt's
+    sat_out: list[str] = field(default_factory=list)  # planned: no data for the task
     notes: list[str] = field(default_factory=list)  # every attempt's, for the row
     replied: int = 0
     sites: int = 0
@@ -341,12 +370,22 @@ class TeacherCopies:
         return Message(content=content, dst_node_id=node, message_type="train")
 
 
-def needs_teacher(reply: Message) -> bool:
+def _problem_flag(reply: Message, key: str) -> bool:
     return (
         not reply.has_error()
-        and "problem" in reply.content.config_records
-        and bool(reply.content["problem"].get("needs-teacher", False))
+        and P.PROBLEM in reply.content.config_records
+        and bool(reply.content[P.PROBLEM].get(key, False))
     )
+
+
+def needs_teacher(reply: Message) -> bool:
+    """The site lost the task's teacher and asks for it again."""
+    return _problem_flag(reply, P.NEEDS_TEACHER)
+
+
+def sits_out(reply: Message) -> bool:
+    """The site has no data of this task's classes, by the schedule: planned."""
+    return _problem_flag(reply, P.SITS_OUT)
 
 
 def collect(
@@ -385,9 +424,15 @@ def collect(
             if not r.has_error() and not needs_teacher(r)
         )
     learn_sites(replies, site_by_node)
+    into.sat_out = [
+        f"site {site_of(r)} has no data for task {content[P.CONFIG][P.TASK]}: "
+        "sits this task out"
+        for r in replies
+        if sits_out(r)
+    ]
     into.good, into.rejected = screen_replies(
-        replies,
-        content["arrays"],
+        [r for r in replies if not sits_out(r)],
+        content[P.ARRAYS],
         announced_classes=announced_classes,
         max_norm_ratio=max_norm_ratio,
         known_sites=site_by_node,
@@ -485,15 +530,6 @@ def new_head_rows(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
 def payload_bytes(content: RecordDict) -> int:
     """Bytes of the arrays in a message (configs and metrics are negligible)."""
     return sum(record.count_bytes() for record in content.array_records.values())
-
-
-def means_record(means: ClassMeans) -> ArrayRecord:
-    """Class means as (sum, count) on the wire: sites' records add up."""
-    return ArrayRecord(array_dict={k: Array(v) for k, v in means.to_arrays().items()})
-
-
-def means_from_record(record: ArrayRecord) -> ClassMeans:
-    return ClassMeans.from_arrays({k: a.numpy() for k, a in record.items()})
 
 
 def _for_strategy(

@@ -29,7 +29,7 @@ def run_federated(
     """Run `cfg` with `cfg.sites` simulated SuperNodes; returns the summary.
 
     Test switches (docs/reliability.md): `stop_after_round` stops the server once that
-    round is checkpointed; `faults` injects site faults (`client.app.parse_faults`).
+    round is checkpointed; `faults` injects site faults (`client.faults.parse_faults`).
     A server failure is raised here with its own type.
     """
     for key, value in (
@@ -44,7 +44,7 @@ def run_federated(
     from flwr.simulation import run_simulation
 
     from client.app import app as client_app
-    from client.app import parse_faults
+    from client.faults import parse_faults
     from server.app import main as server_main
 
     parse_faults(faults)  # a malformed spec stops here, not in every site

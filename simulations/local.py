@@ -1,30 +1,23 @@
 """A study on one machine without Flower (`sites = 1`: plain class-incremental learning).
 
-The loop is the federated one with a single site: at each task boundary the model is
-frozen as the teacher and its head grows; the site trains `rounds_per_task` rounds;
-validation after every round, test after every task. After every round the state is
-checkpointed in `out/checkpoint.pt` (fl_ci/checkpoint.py); a run started again with
-the same `out` resumes after the last completed round.
+The one study loop (fl_ci/study.py) with a driver whose single site is a function
+call: the site trains a round (`fl_ci.site.site_round`), shares its class means after
+a task's last round, and its model is the new global model. Validation after every
+round, test after every task; a run started again with the same `out` resumes after
+the last completed round.
 """
 
 from __future__ import annotations
 
-import copy
+import time
 from pathlib import Path
 from typing import Any
 
-from fl_ci.checkpoint import end_of_round, load_checkpoint, restore
-from fl_ci.config import Config
-from fl_ci.experiment import (
-    Experiment,
-    evaluate,
-    grow_for_task,
-    site_class_means,
-    site_round,
-)
+from fl_ci.config import Config, ConfigError
+from fl_ci.experiment import Experiment
 from fl_ci.methods import SiteStore
-from fl_ci.recorder import Recorder
-from fl_ci.synthesis import ClassMeans
+from fl_ci.site import evaluate_site, shared_class_means, site_round
+from fl_ci.study import RoundResult, Step, Study
 
 
 def run_local(
@@ -38,71 +31,46 @@ def run_local(
     `stop_after_round` > 0 stops with `RunStopped` once that round is checkpointed,
     as a crash would (for tests of resuming).
     """
+    if cfg.sites != 1:
+        raise ConfigError(
+            f"config key 'sites' = {cfg.sites}: the single-machine runner runs one "
+            "site; more sites run in Flower's simulation runtime"
+        )
     out = Path(out)
     exp = Experiment.from_config(cfg)
-    recorder = Recorder(cfg, exp.tasks, exp.class_names)
-    model = exp.build_model()
-    teacher = None
-    means: ClassMeans | None = None
-    done = 0
-    state = load_checkpoint(out, cfg)
-    if state is not None:
-        resumed = restore(state, exp, recorder)
-        model, teacher, means = resumed.model, resumed.teacher, resumed.means
-        done = resumed.server_round
-        if progress:
-            print(f"resuming {out} after round {done}", flush=True)
-    store = SiteStore(out / "site-0")
-    rounds = cfg.rounds_per_task
-    for task, classes in enumerate(exp.tasks):
-        first = task * rounds + 1
-        if first + rounds - 1 <= done:
-            continue  # the whole task was completed before a restart
-        if task > 0 and first > done:
-            teacher = copy.deepcopy(model).eval()
-            model = grow_for_task(model, len(classes), seed=cfg.seed * 1000 + task)
-        old_means = means if task else None
-        for rnd in range(rounds):
-            server_round = first + rnd
-            if server_round <= done:
-                continue
-            model, train_metrics = site_round(
-                exp,
-                model,
-                teacher,
-                task=task,
-                round=rnd,
-                site=0,
-                class_means=old_means,
-                store=store,
-                progress=progress,
-            )
-            val = evaluate(exp, model, task, split="val")
-            recorder.add_row(
-                task=task,
-                round=rnd,
-                server_round=server_round,
-                split="val",
-                site=0,
-                accuracy=val["accuracy"],
-                old_accuracy=val["old_accuracy"],
-                new_accuracy=val["new_accuracy"],
-                **train_metrics,
-            )
-            if rnd == rounds - 1:
-                site_means = site_class_means(exp, task, 0)
-                means = site_means if means is None else means + site_means
-                recorder.test_task(exp, model, task, progress)
-            end_of_round(
-                out,
-                cfg=cfg,
-                server_round=server_round,
-                model=model,
-                teacher=teacher,
-                means=means,
-                recorder=recorder,
-                stop_after_round=stop_after_round,
-            )
-    summary = recorder.write(out)
-    summary["table"] = recorder.table()
-    return summary
+    site = exp.site(0)
+    store = SiteStore(out / "sites" / "site-0")
+
+    def sites_eval(model, task: int, splits: list[str]):
+        return {0: evaluate_site(site, model, task, splits)}
+
+    study = Study(
+        cfg,
+        out,
+        central=exp,
+        sites_eval=sites_eval,
+        progress=progress,
+        stop_after_round=stop_after_round,
+    )
+
+    def run_round(step: Step) -> RoundResult:
+        started = time.perf_counter()
+        model, metrics = site_round(
+            site,
+            step.model,
+            step.teacher,
+            task=step.task,
+            round=step.round,
+            class_means=step.means,
+            store=store,
+            progress=progress,
+        )
+        means = shared_class_means(site, step.task, store) if step.last else None
+        seconds = time.perf_counter() - started
+        return RoundResult(
+            model.state_dict(), means, {"site": 0, **metrics}, f"{seconds:.1f} s"
+        )
+
+    for step in study.rounds():
+        study.finish_round(step, run_round(step))
+    return study.finish()

@@ -131,19 +131,6 @@ def augment(x: torch.Tensor, pad: int, flip: bool, generator=None) -> torch.Tens
     return x
 
 
-def augmentation(dataset: str, size: int, enabled: bool = True) -> tuple[int, bool]:
-    """(crop padding in px, horizontal flip) used for training on `dataset`.
-
-    CIFAR: pad 4 at 32 px and flip, as in ABD. Echo: a shift of about 3% of the
-    image and no flip (a mirrored view is not the same view on every device).
-    """
-    if not enabled:
-        return 0, False
-    if dataset == "cifar100":
-        return size // 8, True
-    return max(1, size // 32), False
-
-
 def batches(
     data: ImageData,
     batch_size: int,

@@ -124,7 +124,11 @@ def _read_manifest(root: Path) -> tuple[Path, list[dict[str, str]], list[str]]:
 
 
 def _check_manifest(
-    manifest: Path, rows: list[dict[str, str]], columns: list[str], skip_bad: bool
+    manifest: Path,
+    rows: list[dict[str, str]],
+    columns: list[str],
+    skip_bad: bool,
+    class_names: tuple[str, ...] | list[str] = ECHO_VIEWS,
 ) -> tuple[list[_Row], list[str]]:
     """The sound rows as `_Row`s and the problems of the others; unless `skip_bad`,
     one DataError listing every bad row."""
@@ -137,6 +141,7 @@ def _check_manifest(
     if not rows:
         raise DataError(f"{manifest}: no rows")
     has_device, has_site = "device" in columns, "site" in columns
+    views = [name.upper() for name in class_names]
     base = manifest.parent
     out, problems = [], []
     for number, r in enumerate(rows, start=1):
@@ -147,10 +152,10 @@ def _check_manifest(
             problems.append(f"{where}: empty path")
             continue
         file = base / r["path"]
-        if view not in ECHO_VIEWS:
+        if view not in views:
             problems.append(
-                f"{where} ({file}): unknown view {r['view']!r}, expected one of "
-                f"{list(ECHO_VIEWS)}"
+                f"{where} ({file}): view {r['view']!r} is not one of the study's "
+                f"classes {list(class_names)}"
             )
         if not r["patient_id"]:
             problems.append(f"{where} ({file}): empty patient_id")
@@ -162,7 +167,7 @@ def _check_manifest(
         device = f"{site}/{dev}" if site and dev else site or dev
         if len(problems) > before:
             continue
-        out.append(_Row(number, file, ECHO_VIEWS.index(view), r["patient_id"], device))
+        out.append(_Row(number, file, views.index(view), r["patient_id"], device))
     if problems and not skip_bad:
         shown = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
@@ -335,10 +340,12 @@ def load_echo_manifest(
     max_per_class: int = 0,
     cache_dir: str | os.PathLike | None = None,
     skip_bad: bool = False,
+    class_names: tuple[str, ...] | list[str] = ECHO_VIEWS,
 ) -> EchoData:
     """Load the cines listed in `root/manifest.{csv,parquet}` as grayscale uint8.
 
-    Returns `EchoData` (an `ImageData`; labels index `ECHO_VIEWS`) in manifest order,
+    Returns `EchoData` (an `ImageData`; labels index `class_names`, the study's
+    views, matched without regard to case; default `ECHO_VIEWS`) in manifest order,
     with `patient_names`/`device_names` mapping ids back to the manifest's strings.
     `max_per_class` > 0 keeps the first that many rows of each view. Decoded cines are
     cached in `cache_dir` (default `root/.fl_ci_cache`; "" means the default), keyed by
@@ -355,7 +362,7 @@ def load_echo_manifest(
         )
     root = Path(root)
     manifest, raw_rows, columns = _read_manifest(root)
-    rows, skipped = _check_manifest(manifest, raw_rows, columns, skip_bad)
+    rows, skipped = _check_manifest(manifest, raw_rows, columns, skip_bad, class_names)
     if max_per_class > 0:
         kept: dict[int, int] = {}
         chosen = []
@@ -403,7 +410,7 @@ def load_echo_manifest(
         devices=torch.tensor([did.get(r.device, -1) for r in rows], dtype=torch.long),
         mean=mean,
         std=std,
-        class_names=list(ECHO_VIEWS),
+        class_names=list(class_names),
         patient_names=patient_names,
         device_names=device_names,
         skipped=skipped,

@@ -1,24 +1,38 @@
-"""From a config to the splits of one dataset (train, validation, test and, when asked
-for, unlabelled exams), relabelled into arrival order."""
+"""The dataset table, and from a config (and a folder) to one study's splits.
+
+Each dataset is one row of `DATASETS`: its class names, input channels, default model
+and image size, normalisation, training augmentation and its loader. A new dataset
+touches this table and its own loader module only.
+
+`load_splits(cfg, plan)` gives train / validation / test (and, when asked for, the
+unlabelled exams) in model labels. Labels travel by class name: a row's name is
+looked up in the study's class list (`StudyPlan.class_names`), so sites that number
+their classes differently still agree. `root` replaces `data.root`: a hospital's own
+folder named in its node config.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from fl_ci.config import Config, ConfigError
+from fl_ci.config import Config, ConfigError, parse_floats
 from fl_ci.data.base import DataError, ImageData
+from fl_ci.data.cifar100 import CIFAR100_FINE_NAMES, CIFAR100_MEAN, CIFAR100_STD
+from fl_ci.data.echo import ECHO_VIEWS
 
-_NUM_CLASSES = {"cifar100": 100, "echo": 5, "echo-synth": 5}
+if TYPE_CHECKING:
+    from fl_ci.plan import StudyPlan
 
-
-def dataset_num_classes(name: str) -> int:
-    try:
-        return _NUM_CLASSES[name]
-    except KeyError:
-        raise ConfigError(f"config key 'dataset' has unknown value {name!r}") from None
+# the procedural echo's own pixel statistics at its default size (64 px, 3 devices);
+# the constants of dataset "echo" unless a study sets data.mean / data.std
+ECHO_MEAN, ECHO_STD = (0.15,), (0.16,)
+# (test share of patients) for datasets split by patient
+TEST_SHARE = 0.2
 
 
 @dataclass
@@ -36,72 +50,238 @@ class Splits:
     def class_names(self) -> list[str]:
         return self.train.class_names
 
+    def row_counts(self) -> dict[str, int]:
+        """Rows of each split, and the items left out: what a site reports."""
+        return {
+            "train": len(self.train),
+            "val": len(self.val),
+            "test": len(self.test),
+            "unlabelled": len(self.unlabelled) if self.unlabelled is not None else 0,
+            "skipped": len(self.skipped),
+        }
 
-def load_splits(cfg: Config) -> Splits:
-    """Load `cfg.dataset` as train / val / test, in the dataset's own labels."""
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One row of the dataset table."""
+
+    name: str
+    class_names: tuple[str, ...]  # default classes, in the dataset's numbering
+    in_channels: int
+    default_model: str
+    image_size: int
+    # normalisation constants (None: the simulated render's own statistics, which
+    # every virtual site computes identically from the seed)
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+    flip: bool  # horizontal flips when training (a mirrored echo view is not the same)
+    pad_divisor: int  # random-crop padding = image size // pad_divisor
+    # (cfg, root, class names) -> splits in the dataset's numbering of those names
+    load: Callable[[Config, str, list[str]], Splits]
+    needs_root: bool = True
+
+
+def _load_cifar100(cfg: Config, root: str, names: list[str]) -> Splits:
+    from fl_ci.data.cifar100 import load_cifar100
+
     d = cfg.data
-    if d.unlabelled_fraction >= 1:
+    if not root and not d.download:
+        raise ConfigError(
+            "config key 'data.root' must name the CIFAR-100 folder (Parquet files or "
+            "cifar-100-python), or set 'data.download = true'"
+        )
+    train, test = load_cifar100(
+        root or str(Path.home() / ".cache/fl_ci/cifar100-download"),
+        max_per_class=d.max_per_class,
+        download=d.download,
+        cache_dir=d.cache_dir or None,
+    )
+    train, test = (_by_names(s, names) for s in (train, test))
+    train, val = split_validation(train, d.val_fraction, cfg.seed)
+    pool = None
+    if d.unlabelled_fraction > 0:
+        train, pool = split_validation(train, d.unlabelled_fraction, cfg.seed + 1)
+    return Splits(train, val, test, pool)
+
+
+def _load_echo(cfg: Config, root: str, names: list[str]) -> Splits:
+    from fl_ci.data.echo import load_echo_manifest
+
+    if not root:
+        raise ConfigError("config key 'data.root' must name the echo manifest folder")
+    d = cfg.data
+    data = load_echo_manifest(
+        root,
+        image_size=d.image_size or 64,
+        frames=d.frames,
+        cache_dir=d.cache_dir or None,
+        skip_bad=d.skip_bad,
+        class_names=names,
+    )
+    return _split_patients(cfg, data, skipped=list(data.skipped))
+
+
+def _load_echo_synth(cfg: Config, root: str, names: list[str]) -> Splits:
+    from fl_ci.data.echo_synth import make_echo_synth
+
+    d = cfg.data
+    data = make_echo_synth(
+        patients=d.patients,
+        devices=d.devices,
+        cines_per_view=d.cines_per_view,
+        frames=d.frames,
+        image_size=d.image_size or 64,
+        seed=cfg.seed,
+    )
+    return _split_patients(cfg, _by_names(data, names))
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    spec.name: spec
+    for spec in (
+        DatasetSpec(
+            name="cifar100",
+            class_names=CIFAR100_FINE_NAMES,
+            in_channels=3,
+            default_model="resnet32",
+            image_size=32,
+            mean=CIFAR100_MEAN,
+            std=CIFAR100_STD,
+            flip=True,
+            pad_divisor=8,  # pad 4 at 32 px, as in ABD
+            load=_load_cifar100,
+        ),
+        DatasetSpec(
+            name="echo",
+            class_names=ECHO_VIEWS,
+            in_channels=1,
+            default_model="echo_net",
+            image_size=64,
+            mean=ECHO_MEAN,
+            std=ECHO_STD,
+            flip=False,
+            pad_divisor=32,  # a shift of about 3 % of the image
+            load=_load_echo,
+        ),
+        DatasetSpec(
+            name="echo-synth",
+            class_names=ECHO_VIEWS,
+            in_channels=1,
+            default_model="echo_net",
+            image_size=64,
+            mean=None,
+            std=None,
+            flip=False,
+            pad_divisor=32,
+            load=_load_echo_synth,
+            needs_root=False,
+        ),
+    )
+}
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+    """The table row of dataset `name`; a ConfigError naming the key if unknown."""
+    try:
+        return DATASETS[name]
+    except KeyError:
+        known = ", ".join(DATASETS)
+        raise ConfigError(
+            f"config key 'dataset' has unknown value {name!r}; known: {known}"
+        ) from None
+
+
+def augmentation(dataset: str, size: int, enabled: bool = True) -> tuple[int, bool]:
+    """(crop padding in px, horizontal flip) used for training on `dataset`: CIFAR
+    pads 4 at 32 px and flips, as in ABD; echo shifts about 3 % of the image and does
+    not flip (a mirrored view is not the same view on every device)."""
+    if not enabled:
+        return 0, False
+    spec = dataset_spec(dataset)
+    return max(1, size // spec.pad_divisor), spec.flip
+
+
+def normalization(cfg: Config) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The study's (mean, std): `data.mean`/`data.std`, else the dataset's constants;
+    None where the dataset computes them from its render (echo-synth)."""
+    spec = dataset_spec(cfg.dataset)
+    d = cfg.data
+    if bool(d.mean) != bool(d.std):
+        raise ConfigError("config keys 'data.mean' and 'data.std' go together")
+    if d.mean:
+        mean, std = parse_floats("data.mean", d.mean), parse_floats("data.std", d.std)
+        if len(mean) != spec.in_channels or len(std) != spec.in_channels:
+            raise ConfigError(
+                f"config keys 'data.mean'/'data.std' need {spec.in_channels} value(s) "
+                f"for dataset {cfg.dataset!r}, got {d.mean!r} / {d.std!r}"
+            )
+        if min(std) <= 0:
+            raise ConfigError(f"config key 'data.std' must be > 0, got {d.std!r}")
+        return mean, std
+    if spec.mean is None:
+        return None
+    return spec.mean, spec.std
+
+
+def load_splits(cfg: Config, plan: StudyPlan, root: str | None = None) -> Splits:
+    """`cfg.dataset` as train / val / test in model labels (the plan's order), in
+    the study's normalisation. `root` (a site's own folder) replaces `data.root`."""
+    if cfg.data.unlabelled_fraction >= 1:
         raise ConfigError(
             "config key 'data.unlabelled_fraction' must be below 1: some training "
             "data must stay labelled"
         )
-    if cfg.dataset == "cifar100":
-        from fl_ci.data.cifar100 import load_cifar100
+    spec = dataset_spec(cfg.dataset)
+    raw = spec.load(cfg, cfg.data.root if root is None else root, plan.dataset_names)
+    norm = normalization(cfg)
+    parts = (raw.train, raw.val, raw.test, raw.unlabelled)
+    if norm is not None:
+        parts = tuple(_normalised(p, *norm) if p is not None else None for p in parts)
+    train, val, test, pool = (
+        relabel(p, plan.order) if p is not None else None for p in parts
+    )
+    return Splits(train, val, test, pool, skipped=raw.skipped)
 
-        if not d.root and not d.download:
-            raise ConfigError(
-                "config key 'data.root' must name the CIFAR-100 folder (Parquet files or "
-                "cifar-100-python), or set 'data.download = true'"
-            )
-        train, test = load_cifar100(
-            d.root or str(Path.home() / ".cache/fl_ci/cifar100-download"),
-            max_per_class=d.max_per_class,
-            download=d.download,
-            cache_dir=d.cache_dir or None,
-        )
-        train, val = split_validation(train, d.val_fraction, cfg.seed)
-        pool = None
-        if d.unlabelled_fraction > 0:
-            train, pool = split_validation(train, d.unlabelled_fraction, cfg.seed + 1)
-        return Splits(train, val, test, pool)
-    if cfg.dataset == "echo":
-        from fl_ci.data.echo import load_echo_manifest, split_by_patient
 
-        if not d.root:
-            raise ConfigError(
-                "config key 'data.root' must name the echo manifest folder"
-            )
-        data = load_echo_manifest(
-            d.root,
-            image_size=d.image_size or 64,
-            frames=d.frames,
-            cache_dir=d.cache_dir or None,
-            skip_bad=d.skip_bad,
-        )
-    elif cfg.dataset == "echo-synth":
-        from fl_ci.data.echo_synth import make_echo_synth
+def _normalised(data: ImageData, mean, std) -> ImageData:
+    return replace(data, mean=tuple(mean), std=tuple(std))
 
-        data = make_echo_synth(
-            patients=d.patients,
-            devices=d.devices,
-            cines_per_view=d.cines_per_view,
-            frames=d.frames,
-            image_size=d.image_size or 64,
-            seed=cfg.seed,
-        )
-    else:
-        raise ConfigError(f"config key 'dataset' has unknown value {cfg.dataset!r}")
+
+def _by_names(data: ImageData, names: list[str]) -> ImageData:
+    """`data` renumbered into `names` (the study's classes); rows of other classes
+    are left out (a benchmark subset), and a study class the data lacks is fine."""
+    if list(data.class_names) == list(names):
+        return data
+    index = {n: i for i, n in enumerate(names)}
+    lookup = torch.tensor([index.get(n, -1) for n in data.class_names] or [-1])
+    labels = lookup[data.labels] if len(data) else data.labels
+    keep = labels >= 0
+    kept = data.subset(keep)
+    return ImageData(
+        kept.frames,
+        labels[keep],
+        kept.patients,
+        kept.devices,
+        kept.mean,
+        kept.std,
+        list(names),
+    )
+
+
+def _split_patients(cfg: Config, data: ImageData, skipped=None) -> Splits:
+    """Echo data split by patient into train / val / test (seeded; no patient in two
+    splits), then the unlabelled exams and the per-class cap."""
     from fl_ci.data.echo import split_by_patient
 
-    test_share = 0.2
-    if d.val_fraction + test_share >= 1:
+    d = cfg.data
+    if d.val_fraction + TEST_SHARE >= 1:
         raise ConfigError(
             f"config key 'data.val_fraction' = {d.val_fraction} leaves no training "
-            f"patients beside the {test_share:.0%} test share"
+            f"patients beside the {TEST_SHARE:.0%} test share"
         )
     train, val, test = split_by_patient(
         data,
-        (1 - d.val_fraction - test_share, d.val_fraction, test_share),
+        (1 - d.val_fraction - TEST_SHARE, d.val_fraction, TEST_SHARE),
         seed=cfg.seed,
     )
     pool = None
@@ -114,7 +294,7 @@ def load_splits(cfg: Config) -> Splits:
             first_per_class(s, d.max_per_class) for s in (train, val, test)
         )
         pool = first_per_class(pool, d.max_per_class) if pool is not None else None
-    return Splits(train, val, test, pool, skipped=list(getattr(data, "skipped", [])))
+    return Splits(train, val, test, pool, skipped=list(skipped or []))
 
 
 def split_validation(train: ImageData, fraction: float, seed: int):

@@ -183,7 +183,7 @@ class AlwaysBeDreaming(Method):
         self.num_old = 0
         self.device = torch.device("cpu")
 
-    def begin_task(self, model: IncrementalNet, ctx: SiteContext) -> None:
+    def begin_round(self, model: IncrementalNet, ctx: SiteContext) -> None:
         if ctx.teacher is None or ctx.num_old == 0:
             return
         bcfg = self.cfg.baselines

@@ -6,7 +6,7 @@ precision. A method only overrides hooks:
 | hook              | default                      | overridden by                       |
 |-------------------|------------------------------|-------------------------------------|
 | `train_classes`   | the rows of this task        | joint (every class seen so far)     |
-| `begin_task`      | nothing                      | synthesis (impressions), exemplars  |
+| `begin_round`     | nothing                      | synthesis (impressions), exemplars  |
 | `prepare_model`   | nothing                      | head imprinting, freezing old rows  |
 | `extra_batch`     | none                         | impressions, exemplars              |
 | `replay_size`     | 0                            | SyntheticReplay: CI, DeepInversion  |
@@ -133,7 +133,7 @@ class Method:
         only the rows the site receives at this task."""
         return None
 
-    def begin_task(self, model: IncrementalNet, ctx: SiteContext) -> None:
+    def begin_round(self, model: IncrementalNet, ctx: SiteContext) -> None:
         """Called at the start of every round (cache what must not be recomputed)."""
 
     def prepare_model(self, model: IncrementalNet, ctx: SiteContext) -> None:
@@ -176,7 +176,7 @@ class Method:
 
 class SyntheticReplay(Method):
     """A method that replays a fixed set of synthetic old-class images, `images`
-    [N, C, H, W] with `labels` [N], made in `begin_task` (Class Impression,
+    [N, C, H, W] with `labels` [N], made in `begin_round` (Class Impression,
     DeepInversion). A site without new data can rehearse on them."""
 
     def __init__(self, cfg: Config) -> None:

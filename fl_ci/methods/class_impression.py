@@ -44,7 +44,7 @@ class ClassImpression(SyntheticReplay):
         self.unlabelled_iter = None
 
     # ----- stage 1: impressions ----------------------------------------------------
-    def begin_task(self, model: IncrementalNet, ctx: SiteContext) -> None:
+    def begin_round(self, model: IncrementalNet, ctx: SiteContext) -> None:
         if ctx.teacher is None or ctx.num_old == 0:
             return
         key = f"impressions-task{ctx.task}-{model_hash(ctx.teacher)}"

@@ -45,7 +45,7 @@ class DeepInversion(SyntheticReplay):
     name = "deepinversion"
     needs_teacher = True
 
-    def begin_task(self, model: IncrementalNet, ctx: SiteContext) -> None:
+    def begin_round(self, model: IncrementalNet, ctx: SiteContext) -> None:
         if ctx.teacher is None or ctx.num_old == 0:
             return
         key = f"deepinversion-task{ctx.task}-{model_hash(ctx.teacher)}"

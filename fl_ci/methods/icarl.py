@@ -28,11 +28,11 @@ from fl_ci.config import Config
 from fl_ci.data.base import (
     ImageData,
     augment,
-    augmentation,
     batches,
     normalize,
     pick_frames,
 )
+from fl_ci.data.registry import augmentation
 from fl_ci.methods.base import Batch, Method, SiteContext
 from fl_ci.methods.lwf import ce_with_kd
 from fl_ci.models import IncrementalNet, NetOutput
@@ -97,7 +97,7 @@ class ExemplarReplay(Method):
     def key(self) -> str:
         return f"{self.name}-exemplars"
 
-    def begin_task(self, model: IncrementalNet, ctx: SiteContext) -> None:
+    def begin_round(self, model: IncrementalNet, ctx: SiteContext) -> None:
         memory = ctx.store.get(self.key)
         if memory is None or ctx.num_old == 0:
             return

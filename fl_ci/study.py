@@ -1,0 +1,276 @@
+"""The one study loop: tasks, rounds, and what happens between them. Flower-free.
+
+The study owns what happens at a task boundary (the global model is frozen as the
+teacher and its head grows), after a round (the new global state, the class means
+the sites shared, validation, the checkpoint) and at the end (summary, model). A
+driver owns only how a round's work reaches the sites and comes back: the Flower
+ServerApp (`server/app.py`) sends messages; the single-machine runner
+(`simulations/local.py`) calls the site's functions directly.
+
+    study = Study(cfg, out, central=..., sites_eval=...)  # resumes from `out`
+    for step in study.rounds():
+        study.finish_round(step, driver.run_round(step))
+    summary = study.finish()
+
+Evaluation (`evaluation`): "sites" sums the per-class counts each site returns on
+its own held-out patients; "server" counts on the server's own test set (the
+simulation's, or a coordinator's audit set); "both" records the server's beside the
+sites'. Validation for model selection follows the same rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fl_ci.checkpoint import end_of_round, load_checkpoint, restore
+from fl_ci.config import Config, ConfigError
+from fl_ci.experiment import Experiment
+from fl_ci.metrics import accuracy_from_counts
+from fl_ci.models import IncrementalNet
+from fl_ci.plan import StudyPlan
+from fl_ci.recorder import Recorder
+from fl_ci.results import atomic_torch_save
+from fl_ci.site import Counts, class_counts
+from fl_ci.synthesis import ClassMeans
+
+# (model, task, splits) -> {site: {split: counts}}: the sites' own evaluation
+SiteEvaluator = Callable[[IncrementalNet, int, list[str]], dict[Any, dict[str, Counts]]]
+
+
+@dataclass
+class Step:
+    """One round to run: the model to send (already grown for `task`), the teacher
+    and the shared class means of the old classes (None at task 0)."""
+
+    task: int
+    round: int  # within the task, from 0
+    server_round: int  # over the study, from 1
+    model: IncrementalNet
+    teacher: IncrementalNet | None
+    means: ClassMeans | None
+    last: bool  # the task's last round: sites share class means, test follows
+
+
+@dataclass
+class RoundResult:
+    """What a driver brings back from a round."""
+
+    state: dict[str, torch.Tensor]  # the new global model
+    means: ClassMeans | None = None  # class means the sites shared (last round)
+    row: dict[str, Any] = field(default_factory=dict)  # the driver's measurements
+    note: str = ""  # for the progress line, e.g. "3/3 sites, 2.1 s, 4.0 MB sent"
+
+
+class Study:
+    """A whole study's state between rounds; resumes from `out/checkpoint.pt`."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        out: str | Path,
+        *,
+        central: Experiment | None = None,
+        sites_eval: SiteEvaluator | None = None,
+        progress: bool = True,
+        stop_after_round: int = 0,
+        say: Callable[[str], None] = print,
+    ) -> None:
+        self.cfg, self.out = cfg, Path(out)
+        self.plan = central.plan if central is not None else StudyPlan.from_config(cfg)
+        if cfg.evaluation in ("server", "both") and central is None:
+            raise ConfigError(
+                f"config key 'evaluation' = {cfg.evaluation!r} needs a test set at the "
+                "server; a coordinator without data evaluates at the sites: set "
+                "evaluation = 'sites'"
+            )
+        if cfg.evaluation in ("sites", "both") and sites_eval is None:
+            raise ConfigError(
+                f"config key 'evaluation' = {cfg.evaluation!r}, but this runner has no "
+                "sites to evaluate at"
+            )
+        self.central, self.sites_eval = central, sites_eval
+        self.progress, self.stop_after_round, self.say = progress, stop_after_round, say
+        self.recorder = Recorder(cfg, self.plan.tasks, self.plan.class_names)
+        self.model = self.plan.build_model()
+        self.teacher: IncrementalNet | None = None
+        self.means: ClassMeans | None = None
+        self.done = 0
+        state = load_checkpoint(self.out, cfg)
+        if state is not None:
+            resumed = restore(state, self.plan, self.recorder)
+            self.model, self.teacher = resumed.model, resumed.teacher
+            self.means, self.done = resumed.means, resumed.server_round
+            if progress:
+                say(f"resuming {self.out} after round {self.done}")
+
+    # ----- the loop ------------------------------------------------------------------
+    def rounds(self) -> Iterator[Step]:
+        """Every round not completed yet, in order; a task boundary (teacher, head
+        growth) happens before its first round."""
+        rounds = self.cfg.rounds_per_task
+        for task in range(len(self.plan.tasks)):
+            first = task * rounds + 1
+            if first + rounds - 1 <= self.done:
+                continue  # the whole task was completed before a restart
+            if task > 0 and first > self.done:
+                self.teacher = _frozen_copy(self.model)
+                self.model = self.plan.grow(self.model, task)
+            old_means = self.means if task else None
+            for rnd in range(rounds):
+                server_round = first + rnd
+                if server_round <= self.done:
+                    continue
+                yield Step(
+                    task,
+                    rnd,
+                    server_round,
+                    self.model,
+                    self.teacher,
+                    old_means,
+                    last=rnd == rounds - 1,
+                )
+
+    def finish_round(self, step: Step, result: RoundResult) -> None:
+        """Take the round's new global model, validate it, test it after the task's
+        last round, record and checkpoint."""
+        self.model.load_state_dict(result.state)
+        if step.last and result.means is not None:
+            self.means = result.means if self.means is None else self.means + result.means
+        splits = ["val", "test"] if step.last else ["val"]
+        evals = self.evaluate(step.task, splits)
+        val = evals["val"]
+        self.recorder.add_row(
+            task=step.task,
+            round=step.round,
+            server_round=step.server_round,
+            split="val",
+            accuracy=val["accuracy"],
+            old_accuracy=val["old_accuracy"],
+            new_accuracy=val["new_accuracy"],
+            **({"server_accuracy": evals["server_val"]["accuracy"]} if "server_val" in evals else {}),
+            **result.row,
+        )
+        if self.progress:
+            note = f"{result.note}, " if result.note else ""
+            self.say(
+                f"task {step.task} round {step.round}: {note}val accuracy "
+                f"{val['accuracy']:.2f}%"
+            )
+        if step.last:
+            test = evals["test"]
+            self.recorder.add_task(step.task, test)
+            for site, result_ in evals.get("site_test", {}).items():
+                self.recorder.add_site_task(site, step.task, result_)
+            if "server_test" in evals:
+                self.recorder.add_server_task(step.task, evals["server_test"])
+            if self.progress:
+                self.say(
+                    f"task {step.task}: {self.plan.seen(step.task)} classes seen, test "
+                    f"accuracy {test['accuracy']:.2f}% (old {test['old_accuracy']:.2f}%, "
+                    f"new {test['new_accuracy']:.2f}%)"
+                )
+            self.recorder.write(self.out)  # outputs so far, after every task
+        self.done = step.server_round
+        end_of_round(
+            self.out,
+            cfg=self.cfg,
+            server_round=step.server_round,
+            model=self.model,
+            teacher=self.teacher,
+            means=self.means,
+            recorder=self.recorder,
+            stop_after_round=self.stop_after_round,
+        )
+
+    def finish(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Write the summary and the final model; returns the summary (and `table`)."""
+        summary = self.recorder.write(self.out, extra=extra)
+        atomic_torch_save(self.model.state_dict(), self.out / "model.pt")
+        summary["table"] = self.recorder.table()
+        return summary
+
+    # ----- evaluation ----------------------------------------------------------------
+    def evaluate(self, task: int, splits: list[str]) -> dict[str, Any]:
+        """Accuracies of the global model after `task` on `splits`, from the
+        configured source: {split: result}; with "both" also {"server_<split>": ...};
+        with site evaluation also {"site_test": {site: result}}."""
+        tasks = self.plan.tasks
+        out: dict[str, Any] = {}
+        server = None
+        if self.central is not None and self.cfg.evaluation in ("server", "both"):
+            server = {
+                split: accuracy_from_counts(
+                    *_pair(self.central_counts(task, split)), tasks, task
+                )
+                for split in splits
+            }
+        if self.cfg.evaluation in ("sites", "both"):
+            per_site = self.sites_eval(self.model, task, splits)
+            k = self.model.num_classes
+            for split in splits:
+                total = Counts.zeros(k)
+                for counts in per_site.values():
+                    if split in counts:
+                        total = total + counts[split]
+                out[split] = accuracy_from_counts(*_pair(total), tasks, task)
+                out[split]["sites"] = sum(split in c for c in per_site.values())
+            if "test" in splits:
+                out["site_test"] = {
+                    site: accuracy_from_counts(*_pair(c["test"]), tasks, task)
+                    for site, c in per_site.items()
+                    if "test" in c
+                }
+            if server is not None:
+                out.update({f"server_{s}": r for s, r in server.items()})
+        else:
+            out.update(server or {})
+        return out
+
+    def central_counts(self, task: int, split: str) -> Counts:
+        data = self.central.held_out(split, task)
+        return class_counts(self.model, data, self.cfg)
+
+
+def _pair(counts: Counts) -> tuple[torch.Tensor, torch.Tensor]:
+    return counts.correct, counts.total
+
+
+def _frozen_copy(model: IncrementalNet) -> IncrementalNet:
+    import copy
+
+    return copy.deepcopy(model).eval()
+
+
+# ----- class-wise head averaging (federation.rehearse) ------------------------------
+def average_new_rows(
+    state: dict[str, torch.Tensor],
+    site_states: list[dict[str, torch.Tensor]],
+    site_classes: list[list[int]],
+    weights: list[float],
+    num_old: int,
+) -> dict[str, torch.Tensor]:
+    """`state` with each new class's head rows (`head.new_*`, row i = class
+    num_old + i) averaged over the sites that hold data of that class, weighted by
+    `weights` (example counts). With rehearsal, sites that trained without a class
+    only pushed its row away from the old classes; averaging them in would wash the
+    class out. A class no site holds keeps `state`'s rows."""
+    out = dict(state)
+    for key in (k for k in state if k.startswith("head.new_")):
+        rows = state[key].clone()  # [n_new, D] or [n_new]
+        for i in range(rows.shape[0]):
+            holders = [j for j, held in enumerate(site_classes) if num_old + i in held]
+            total = sum(weights[j] for j in holders)
+            if not holders or total <= 0:
+                continue
+            rows[i] = (
+                sum(site_states[j][key][i].double() * weights[j] for j in holders)
+                .div(total)
+                .to(rows.dtype)
+            )
+        out[key] = rows
+    return out
