@@ -261,6 +261,7 @@ class FlowerDriver:
             # sites without new data that trained on replay (federation.rehearse)
             "sites_rehearsing": sum(int(m.get(P.REHEARSAL, 0)) for m in metrics),
             "sites_sat_out": len(collected.sat_out),
+            "sat_out": "; ".join(collected.sat_out)[:2000],
             "sites_rejected": len(collected.rejected),
             "attempts": collected.attempts,
             "left_out": "; ".join(collected.notes)[:2000],

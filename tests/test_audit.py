@@ -307,7 +307,7 @@ def test_cli_flags_a_planted_copy_in_a_federated_store(tiny_run, capsys):
     run = tiny_run.parent / "federated-copy"
     shutil.copytree(tiny_run, run)
     store = run / "sites" / "site-1"
-    shutil.move(run / "site-0", store)
+    shutil.move(run / "sites" / "site-0", store)
     (path,) = store.glob("impressions-task1-*.pt")
     cached = torch.load(path, weights_only=True)
     exp = Experiment.from_config(Config.from_dict(TINY_RUN))

@@ -4,7 +4,7 @@ import tomllib
 from pathlib import Path
 
 from fl_ci.config import Config
-from server.app import split_run_config
+from fl_ci_flower.protocol import split_run_config
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 

@@ -10,18 +10,16 @@ import pytest
 import torch
 
 from fl_ci.config import Config, ConfigError
-from fl_ci.experiment import (
-    Experiment,
-    evaluate,
-    grow_for_task,
-    site_class_means,
-    site_round,
-)
+from fl_ci.experiment import Experiment
+from fl_ci.metrics import accuracy_from_counts
 from fl_ci.methods import SiteStore, build_method, registry
 from fl_ci.methods.base import model_hash
 from fl_ci.methods.icarl import herding
 from fl_ci.methods.lwm import attention_distillation, grad_cam
 from fl_ci.models import build_model
+from fl_ci.plan import grow_for_task
+from fl_ci.site import class_counts, site_class_means, site_round
+from fl_ci.study import RoundResult, Study
 
 MEMORY = 10  # exemplar budget: 3 per class after task 0, 2 per class after task 1
 EXEMPLAR_METHODS = ("icarl", "lucir")
@@ -61,31 +59,32 @@ def experiment(one_thread) -> Experiment:
     return Experiment.from_config(tiny_config("finetune"))
 
 
-def run_two_tasks(exp: Experiment, store: SiteStore) -> dict:
-    """The loop of simulations.local.run_local at one site, one round per task."""
-    torch.manual_seed(0)
-    model = exp.build_model()
-    teacher, means, tasks = None, None, []
-    for task, classes in enumerate(exp.tasks):
-        if task > 0:
-            teacher = copy.deepcopy(model).eval()
-            model = grow_for_task(model, len(classes))
-        old_means = means.means(list(range(classes[0]))) if task else None
+def run_two_tasks(exp: Experiment, store: SiteStore, out) -> dict:
+    """Both tasks through the one study loop (fl_ci.study) at one site, one round
+    each, with first-task accuracy measured on the training rows."""
+    site = exp.site(0)
+    study = Study(exp.cfg, out, central=exp, progress=False)
+    tasks, step = [], None
+    for step in study.rounds():
         model, metrics = site_round(
-            exp,
-            model,
-            teacher,
-            task=task,
-            round=0,
-            site=0,
-            class_means=old_means,
+            site,
+            step.model,
+            step.teacher,
+            task=step.task,
+            round=step.round,
+            class_means=step.means,
             store=store,
             progress=False,
         )
-        site_means = site_class_means(exp, task, 0)
-        means = site_means if means is None else means + site_means
+        study.finish_round(
+            step, RoundResult(model.state_dict(), site_class_means(site, step.task))
+        )
         memory = store.get(f"{exp.cfg.method}-exemplars")
-        per_task = evaluate(exp, model, task, "train")["per_task"]  # % per task
+        train = exp.splits.train.of_classes(list(range(exp.seen(step.task))))
+        counts = class_counts(study.model, train, exp.cfg)
+        per_task = accuracy_from_counts(
+            counts.correct, counts.total, exp.tasks, step.task
+        )["per_task"]  # % per task
         tasks.append(
             {
                 "metrics": metrics,
@@ -93,7 +92,12 @@ def run_two_tasks(exp: Experiment, store: SiteStore) -> dict:
                 "exemplar_labels": None if memory is None else memory["labels"],
             }
         )
-    return {"tasks": tasks, "model": model, "teacher": teacher, "means": old_means}
+    return {
+        "tasks": tasks,
+        "model": study.model,
+        "teacher": study.teacher,
+        "means": step.means,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -103,11 +107,13 @@ def runs(experiment, tmp_path_factory):
 
     def get(name: str) -> dict:
         if name not in cache:
-            exp = dataclasses.replace(
-                experiment, cfg=experiment.cfg.replace(method=name)
+            plan = dataclasses.replace(
+                experiment.plan, cfg=experiment.cfg.replace(method=name)
             )
+            exp = dataclasses.replace(experiment, plan=plan)
             store = SiteStore(tmp_path_factory.mktemp(name))
-            cache[name] = {"exp": exp, "store": store, **run_two_tasks(exp, store)}
+            out = tmp_path_factory.mktemp(f"{name}-run")
+            cache[name] = {"exp": exp, "store": store, **run_two_tasks(exp, store, out)}
         return cache[name]
 
     return get
@@ -158,12 +164,11 @@ def test_abd_reuses_its_cached_generator_after_a_restart(runs):
     (path,) = run["store"].root.glob("abd-generator-task1-*.pt")
     stamp = path.stat().st_mtime_ns
     site_round(
-        run["exp"],
+        run["exp"].site(0),
         copy.deepcopy(run["model"]),
         run["teacher"],
         task=1,
         round=1,
-        site=0,
         store=SiteStore(run["store"].root),  # a restarted site: same folder only
         progress=False,
     )
@@ -200,7 +205,7 @@ def test_class_without_a_shared_mean_starts_from_noise_and_is_named(caplog):
     # class 1 was held by no site above the sharing floor: its mean has count 0
     exp = Experiment.from_config(tiny_config("class_impression"))
     teacher = exp.build_model().eval()
-    means = site_class_means(exp, 0, 0)
+    means = site_class_means(exp.site(0), 0)
     means = dataclasses.replace(
         means,
         sums=means.sums * (torch.arange(3) != 1).view(-1, 1, 1, 1),
@@ -210,12 +215,11 @@ def test_class_without_a_shared_mean_starts_from_noise_and_is_named(caplog):
     store = SiteStore()
     with caplog.at_level("WARNING", logger="fl_ci"):
         site_round(
-            exp,
+            exp.site(0),
             model,
             teacher,
             task=1,
             round=0,
-            site=0,
             class_means=means,
             store=store,
             progress=False,

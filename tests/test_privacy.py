@@ -252,7 +252,7 @@ def test_dp_run_writes_its_epsilon_to_the_summary(tmp_path):
     assert summary["dp_epsilon"] == pytest.approx(gdp_epsilon(math.sqrt(1.25)))
 
 
-# ----- what a site shares of its class means (fl_ci.experiment.shared_class_means)
+# ----- what a site shares of its class means (fl_ci.site.shared_class_means)
 
 
 def _tiny_experiment(noise: float):
@@ -271,30 +271,30 @@ def _tiny_experiment(noise: float):
 
 
 def test_shared_means_noise_is_not_reproducible_from_the_run_config():
-    from fl_ci.experiment import shared_class_means
+    from fl_ci.site import shared_class_means
     from fl_ci.methods import SiteStore
 
     exp = _tiny_experiment(0.5)
-    first = shared_class_means(exp, 0, 0, SiteStore())
-    second = shared_class_means(exp, 0, 0, SiteStore())  # same config, same site
+    first = shared_class_means(exp.site(0), 0, SiteStore())
+    second = shared_class_means(exp.site(0), 0, SiteStore())  # same config, same site
     assert not torch.equal(first.sums, second.sums)
 
 
 def test_shared_means_are_sent_again_unchanged_on_a_retry():
-    from fl_ci.experiment import shared_class_means
+    from fl_ci.site import shared_class_means
     from fl_ci.methods import SiteStore
 
     exp = _tiny_experiment(0.5)
     store = SiteStore()
-    first = shared_class_means(exp, 0, 0, store)
-    again = shared_class_means(exp, 0, 0, store)
+    first = shared_class_means(exp.site(0), 0, store)
+    again = shared_class_means(exp.site(0), 0, store)
     assert torch.equal(first.sums, again.sums)
 
 
 def test_shared_means_without_noise_are_the_exact_means():
-    from fl_ci.experiment import shared_class_means, site_class_means
+    from fl_ci.site import shared_class_means, site_class_means
     from fl_ci.methods import SiteStore
 
     exp = _tiny_experiment(0.0)
-    shared = shared_class_means(exp, 0, 0, SiteStore())
-    assert torch.equal(shared.sums, site_class_means(exp, 0, 0).sums)
+    shared = shared_class_means(exp.site(0), 0, SiteStore())
+    assert torch.equal(shared.sums, site_class_means(exp.site(0), 0).sums)

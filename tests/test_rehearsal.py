@@ -10,7 +10,9 @@ import torch
 
 from fl_ci.config import Config
 from fl_ci.data.base import DataError
-from fl_ci.experiment import Experiment, grow_for_task, site_round
+from fl_ci.experiment import Experiment
+from fl_ci.plan import grow_for_task
+from fl_ci.site import site_round
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -48,14 +50,14 @@ def test_the_schedule_leaves_site_1_without_data_at_task_1():
 def test_without_rehearsal_a_site_without_data_reports_it():
     exp, model, teacher, means = setup("class_impression", rehearse=False)
     with pytest.raises(DataError, match="site 1 has no training data for task 1"):
-        site_round(exp, model, teacher, task=1, round=0, site=1, class_means=means)
+        site_round(exp.site(1), model, teacher, task=1, round=0, class_means=means)
 
 
 def test_a_rehearsing_site_trains_one_pass_over_its_impressions_per_epoch():
     exp, model, teacher, means = setup("class_impression", rehearse=True)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trained, metrics = site_round(
-        exp, model, teacher, task=1, round=0, site=1, class_means=means, progress=False
+        exp.site(1), model, teacher, task=1, round=0, class_means=means, progress=False
     )
     impressions = 2 * 5  # 2 old classes x per_class
     assert metrics["rehearsal"] == 1
@@ -74,7 +76,7 @@ def test_a_rehearsing_site_trains_one_pass_over_its_impressions_per_epoch():
 def test_a_method_without_synthetic_replay_cannot_rehearse():
     exp, model, teacher, means = setup("lwf", rehearse=True)
     with pytest.raises(DataError, match="lwf has no synthetic replay"):
-        site_round(exp, model, teacher, task=1, round=0, site=1, class_means=means)
+        site_round(exp.site(1), model, teacher, task=1, round=0, class_means=means)
 
 
 def test_a_site_with_data_is_unchanged_by_the_switch():
@@ -82,12 +84,11 @@ def test_a_site_with_data_is_unchanged_by_the_switch():
     for rehearse in (False, True):
         exp, model, teacher, means = setup("class_impression", rehearse=rehearse)
         trained, metrics = site_round(
-            exp,
+            exp.site(0),
             model,
             teacher,
             task=1,
             round=0,
-            site=0,
             class_means=means,
             progress=False,
         )
@@ -99,7 +100,7 @@ def test_a_site_with_data_is_unchanged_by_the_switch():
 
 
 def test_new_class_rows_average_over_the_sites_that_hold_the_class():
-    from fl_ci.experiment import average_new_rows
+    from fl_ci.study import average_new_rows
 
     # 2 old classes, 2 new ones (labels 2 and 3); site 0 holds class 2, site 1 holds
     # classes 2 and 3, site 2 rehearsed (holds neither)
@@ -119,7 +120,7 @@ def test_new_class_rows_average_over_the_sites_that_hold_the_class():
 
 
 def test_a_class_no_site_holds_keeps_the_aggregate_row():
-    from fl_ci.experiment import average_new_rows
+    from fl_ci.study import average_new_rows
 
     fedavg = {"head.new_weight": torch.tensor([[7.0, 7.0]])}
     sites = [{"head.new_weight": torch.tensor([[1.0, 1.0]])}]

@@ -21,7 +21,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
-from client.app import parse_faults
+from client.faults import parse_faults
 from fl_ci.checkpoint import (
     CheckpointError,
     RunStopped,
@@ -31,7 +31,8 @@ from fl_ci.checkpoint import (
     save_checkpoint,
 )
 from fl_ci.config import Config, ConfigError, FederationConfig
-from fl_ci.experiment import Experiment, grow_for_task
+from fl_ci.experiment import Experiment
+from fl_ci.plan import grow_for_task
 from fl_ci.models import build_model
 from fl_ci.recorder import Recorder
 from fl_ci.synthesis import ClassMeans
@@ -238,7 +239,7 @@ def test_checkpoint_restores_model_teacher_means_and_records(tmp_path, tiny_exp)
         means=means, recorder=recorder,
     )  # fmt: skip
     fresh = Recorder(tiny_exp.cfg, tiny_exp.tasks, tiny_exp.class_names)
-    resumed = restore(load_checkpoint(tmp_path, tiny_exp.cfg), tiny_exp, fresh)
+    resumed = restore(load_checkpoint(tmp_path, tiny_exp.cfg), tiny_exp.plan, fresh)
     assert resumed.server_round == 2
     for got, want in ((resumed.model, model), (resumed.teacher, teacher)):
         want_state = want.state_dict()
@@ -408,10 +409,9 @@ def test_site_data_with_an_unannounced_class_is_reported_by_the_site(faulty_run)
 def test_empty_partition_is_reported_and_the_round_goes_on(faulty_run):
     _, _, rounds = faulty_run
     assert rounds[3]["sites_aggregated"] == 2
-    assert (
-        "site 2: site reported: DataError: site 2 has no training data"
-        in (rounds[3]["left_out"])
-    )
+    # no rows of the task's classes: the site sits out, which is not a rejection
+    assert "site 2 has no data for task 1: sits this task out" in rounds[3]["sat_out"]
+    assert rounds[3]["sites_sat_out"] == 1 and rounds[3]["sites_rejected"] == 0
 
 
 @pytest.mark.slow

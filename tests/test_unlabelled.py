@@ -11,7 +11,8 @@ import torch
 
 from fl_ci.config import Config, ConfigError
 from fl_ci.data.registry import load_splits
-from fl_ci.experiment import Experiment, site_round
+from fl_ci.experiment import Experiment
+from fl_ci.site import site_round
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -146,7 +147,7 @@ def test_class_impression_trains_against_the_unlabelled_exams():
     model.grow(1)
     means = torch.zeros(3, 1, 32, 32)
     _, metrics = site_round(
-        exp, model, teacher, task=1, round=0, site=0, class_means=means, progress=False
+        exp.site(0), model, teacher, task=1, round=0, class_means=means, progress=False
     )
     # an untrained model pseudo-labels everything alike, so the term may be 0 here
     assert 0 <= metrics["train_contrastive"] < float("inf")

@@ -154,8 +154,8 @@ def _check_manifest(
         file = base / r["path"]
         if view not in views:
             problems.append(
-                f"{where} ({file}): view {r['view']!r} is not one of the study's "
-                f"classes {list(class_names)}"
+                f"{where} ({file}): unknown view {r['view']!r}, not one of the "
+                f"study's classes {list(class_names)}"
             )
         if not r["patient_id"]:
             problems.append(f"{where} ({file}): empty patient_id")

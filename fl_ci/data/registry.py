@@ -223,9 +223,15 @@ def normalization(cfg: Config) -> tuple[tuple[float, ...], tuple[float, ...]] | 
     return spec.mean, spec.std
 
 
-def load_splits(cfg: Config, plan: StudyPlan, root: str | None = None) -> Splits:
+def load_splits(
+    cfg: Config, plan: StudyPlan | None = None, root: str | None = None
+) -> Splits:
     """`cfg.dataset` as train / val / test in model labels (the plan's order), in
     the study's normalisation. `root` (a site's own folder) replaces `data.root`."""
+    if plan is None:
+        from fl_ci.plan import StudyPlan
+
+        plan = StudyPlan.from_config(cfg)
     if cfg.data.unlabelled_fraction >= 1:
         raise ConfigError(
             "config key 'data.unlabelled_fraction' must be below 1: some training "
