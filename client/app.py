@@ -105,7 +105,9 @@ def train(msg: Message, context: Context) -> Message:
     except DataError as err:
         return problem_reply(msg, -1, str(err))
     store = site_store(context, str(runtime.get("out", "runs")), site)
-    faults = active_faults(str(runtime.get("faults", "")), site, at.server_round, at.attempt)
+    faults = active_faults(
+        str(runtime.get("faults", "")), site, at.server_round, at.attempt
+    )
     if "crash" in faults:
         raise InjectedCrash(f"site {site}: injected crash at round {at.server_round}")
     if "restart" in faults and store.root is not None:
@@ -123,7 +125,10 @@ def train(msg: Message, context: Context) -> Message:
             teacher_state = store.get(key)
             if teacher_state is None:
                 return problem_reply(
-                    msg, site, f"site {site} lost the task's teacher", needs_teacher=True
+                    msg,
+                    site,
+                    f"site {site} lost the task's teacher",
+                    needs_teacher=True,
                 )
     try:
         data = site_data(cfg, context)
@@ -174,7 +179,9 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     if data.skipped:
-        content[P.NOTES] = ConfigRecord({P.SKIPPED: [s[:300] for s in data.skipped[:10]]})
+        content[P.NOTES] = ConfigRecord(
+            {P.SKIPPED: [s[:300] for s in data.skipped[:10]]}
+        )
     if at.round == cfg.rounds_per_task - 1:
         content[P.MEANS] = P.means_record(shared_class_means(data, at.task, store))
     return Message(content=content, reply_to=msg)
@@ -246,4 +253,3 @@ def problem_reply(
         }
     )
     return Message(content=content, reply_to=msg)
-

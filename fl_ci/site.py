@@ -95,7 +95,9 @@ class OwnData:
 
     def train(self, task: int, classes: list[int] | None = None) -> ImageData:
         if classes is None:
-            wanted = [c for c in range(self.plan.num_classes) if self.arrival(c) == task]
+            wanted = [
+                c for c in range(self.plan.num_classes) if self.arrival(c) == task
+            ]
         else:
             wanted = [c for c in classes if self.arrival(c) <= task]
         return self.splits.train.of_classes(wanted)
@@ -127,7 +129,11 @@ _LOADED: dict[tuple, Any] = {}
 def open_site_data(cfg: Config, *, root: str | None, partition: int | None) -> SiteData:
     """The site's data: its own folder `root` (deployment), else virtual site
     `partition` of the simulated study. Loaded once per process and config."""
-    key = ("own" if root else "simulated", root or "", tuple(sorted(cfg.to_flat().items())))
+    key = (
+        "own" if root else "simulated",
+        root or "",
+        tuple(sorted(cfg.to_flat().items())),
+    )
     if key not in _LOADED:
         _LOADED.clear()  # keep one study's data in memory, never two
         if root:
@@ -261,7 +267,8 @@ def class_counts(model: IncrementalNet, data: ImageData, cfg: Config) -> Counts:
     pred = predict(model, data, resolve_device(cfg.device), cfg.eval_batch_size)
     hit = data.labels[pred == data.labels]
     return Counts(
-        torch.bincount(hit, minlength=k)[:k], torch.bincount(data.labels, minlength=k)[:k]
+        torch.bincount(hit, minlength=k)[:k],
+        torch.bincount(data.labels, minlength=k)[:k],
     )
 
 
@@ -269,4 +276,7 @@ def evaluate_site(
     data: SiteData, model: IncrementalNet, task: int, splits: list[str]
 ) -> dict[str, Counts]:
     """The site's counts on its own held-out rows of every class seen after `task`."""
-    return {split: class_counts(model, data.held_out(split, task), data.cfg) for split in splits}
+    return {
+        split: class_counts(model, data.held_out(split, task), data.cfg)
+        for split in splits
+    }

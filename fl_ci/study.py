@@ -140,7 +140,9 @@ class Study:
         last round, record and checkpoint."""
         self.model.load_state_dict(result.state)
         if step.last and result.means is not None:
-            self.means = result.means if self.means is None else self.means + result.means
+            self.means = (
+                result.means if self.means is None else self.means + result.means
+            )
         splits = ["val", "test"] if step.last else ["val"]
         evals = self.evaluate(step.task, splits)
         val = evals["val"]
@@ -152,7 +154,11 @@ class Study:
             accuracy=val["accuracy"],
             old_accuracy=val["old_accuracy"],
             new_accuracy=val["new_accuracy"],
-            **({"server_accuracy": evals["server_val"]["accuracy"]} if "server_val" in evals else {}),
+            **(
+                {"server_accuracy": evals["server_val"]["accuracy"]}
+                if "server_val" in evals
+                else {}
+            ),
             **result.row,
         )
         if self.progress:

@@ -293,7 +293,8 @@ class FlowerDriver:
                 named = list(reply.content[P.NOTES].get(P.SKIPPED, []))
             _say(
                 f"round {server_round}: site {site} left out {skipped} bad data "
-                f"item(s): " + "; ".join(str(n) for n in named[:5])
+                f"item(s): "
+                + "; ".join(str(n) for n in named[:5])
                 + ("; ..." if skipped > 5 else "")
             )
 
@@ -303,7 +304,10 @@ class FlowerDriver:
         """The global model at every connected site: {site: {split: counts}}."""
         config = ConfigRecord(self._config(task, **{P.SPLITS: ",".join(splits)}))
         content = RecordDict(
-            {P.ARRAYS: ArrayRecord(torch_state_dict=model.state_dict()), P.CONFIG: config}
+            {
+                P.ARRAYS: ArrayRecord(torch_state_dict=model.state_dict()),
+                P.CONFIG: config,
+            }
         )
         nodes = sorted(self.grid.get_node_ids())
         messages = [
@@ -325,7 +329,9 @@ class FlowerDriver:
                 out[site] = P.counts_from_record(reply.content[P.COUNTS], splits)
         missing = len(nodes) - len(out)
         if missing:
-            _say(f"evaluation at task {task}: {missing} of {len(nodes)} site(s) gave no counts")
+            _say(
+                f"evaluation at task {task}: {missing} of {len(nodes)} site(s) gave no counts"
+            )
         return dict(sorted(out.items(), key=lambda kv: str(kv[0])))
 
 

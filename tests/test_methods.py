@@ -11,11 +11,11 @@ import torch
 
 from fl_ci.config import Config, ConfigError
 from fl_ci.experiment import Experiment
-from fl_ci.metrics import accuracy_from_counts
 from fl_ci.methods import SiteStore, build_method, registry
 from fl_ci.methods.base import model_hash
 from fl_ci.methods.icarl import herding
 from fl_ci.methods.lwm import attention_distillation, grad_cam
+from fl_ci.metrics import accuracy_from_counts
 from fl_ci.models import build_model
 from fl_ci.plan import grow_for_task
 from fl_ci.site import class_counts, site_class_means, site_round

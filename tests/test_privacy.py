@@ -271,8 +271,8 @@ def _tiny_experiment(noise: float):
 
 
 def test_shared_means_noise_is_not_reproducible_from_the_run_config():
-    from fl_ci.site import shared_class_means
     from fl_ci.methods import SiteStore
+    from fl_ci.site import shared_class_means
 
     exp = _tiny_experiment(0.5)
     first = shared_class_means(exp.site(0), 0, SiteStore())
@@ -281,8 +281,8 @@ def test_shared_means_noise_is_not_reproducible_from_the_run_config():
 
 
 def test_shared_means_are_sent_again_unchanged_on_a_retry():
-    from fl_ci.site import shared_class_means
     from fl_ci.methods import SiteStore
+    from fl_ci.site import shared_class_means
 
     exp = _tiny_experiment(0.5)
     store = SiteStore()
@@ -292,8 +292,8 @@ def test_shared_means_are_sent_again_unchanged_on_a_retry():
 
 
 def test_shared_means_without_noise_are_the_exact_means():
-    from fl_ci.site import shared_class_means, site_class_means
     from fl_ci.methods import SiteStore
+    from fl_ci.site import shared_class_means, site_class_means
 
     exp = _tiny_experiment(0.0)
     shared = shared_class_means(exp.site(0), 0, SiteStore())

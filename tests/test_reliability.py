@@ -32,8 +32,8 @@ from fl_ci.checkpoint import (
 )
 from fl_ci.config import Config, ConfigError, FederationConfig
 from fl_ci.experiment import Experiment
-from fl_ci.plan import grow_for_task
 from fl_ci.models import build_model
+from fl_ci.plan import grow_for_task
 from fl_ci.recorder import Recorder
 from fl_ci.synthesis import ClassMeans
 from server.app import RoundFailed, aggregate

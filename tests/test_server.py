@@ -6,8 +6,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fl_ci.config import Config, ConfigError
-from fl_ci.plan import grow_for_task
 from fl_ci.models import build_model
+from fl_ci.plan import grow_for_task
 from server.app import _for_strategy
 from server.checks import check_reply, screen_replies
 from server.strategies import build_strategy
