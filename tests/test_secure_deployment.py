@@ -5,8 +5,13 @@ ECDSA P-384 key pair (ssh-keygen): the commands of the README's "A hospital join
 federation". The SuperLink runs with TLS and `--enable-supernode-auth`; only public
 keys registered with `flwr supernode register` may join. Shown here:
 
-- a SuperNode with a registered key connects over TLS, appears online under the node
-  id its key was registered with, and takes part in a run that completes;
+- three hospitals, each a SuperNode with a registered key and its own data folder
+  (made by `simulations.export`; one of them also holds pydicom's real ultrasound
+  cine), connect over TLS, appear online under the node ids their keys were
+  registered with, and complete a run whose coordinator holds no data: the accuracy
+  matrix comes from the sites' evaluation, each site reports the rows of its own
+  manifest, and a record of every file opened under the hospitals' folders shows
+  the coordinator's processes opened none and each site only its own;
 - a SuperNode with an unregistered key, or with none, is refused and exits non-zero;
 - a SuperNode without TLS (`--insecure`), or one that does not trust the SuperLink's
   certificate, never reaches it, even with a registered key; a SuperNode given a key
@@ -16,6 +21,7 @@ Every process is stopped by its PID.
 """
 
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -33,13 +39,17 @@ from flower_processes import (
     wait_healthy,
     write_cli_config,
 )
+from hospitals import (
+    add_manifest_rows,
+    export_hospitals,
+    manifest_rows,
+    run_config_file,
+)
+from pydicom.data import get_testdata_file
 
 REPO = Path(__file__).resolve().parents[1]
-RUN_CONFIG = (
-    "method='class_impression' sites=1 tasks=1 init_classes=5 rounds_per_task=1 "
-    "local_epochs=1 batch_size=16 data.patients=4 data.devices=1 data.image_size=32 "
-    "data.frames=2 partition.scheme='iid' federation.timeout=120.0"
-)
+HOSPITALS = ("hospital-0", "hospital-1", "hospital-2")
+OPEN_AUDIT = Path(__file__).parent / "open_audit"  # sitecustomize: logs file opens
 
 pytestmark = [
     pytest.mark.slow,
@@ -111,7 +121,14 @@ class Federation:
         listed = self.flwr("supernode", "list", "test")["nodes"]
         return {int(n["node-id"]): n["status"] for n in listed}
 
-    def supernode(self, procs: FlowerProcesses, name: str, *tls_and_key: str):
+    def supernode(
+        self,
+        procs: FlowerProcesses,
+        name: str,
+        *tls_and_key: str,
+        node_config: str = "partition-id=0 num-partitions=1",
+        env: dict[str, str] | None = None,
+    ):
         return procs.start(
             name,
             [
@@ -122,26 +139,27 @@ class Federation:
                 "--port",
                 str(free_port()),
                 "--node-config",
-                "partition-id=0 num-partitions=1",
+                node_config,
             ],
-            flower_env(procs.root / name / "home"),
+            {**flower_env(procs.root / name / "home"), **(env or {})},
         )
 
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
-    """A SuperLink with TLS and SuperNode authentication; keys `hospital-1` and
-    `hospital-2` registered, `stranger` not."""
+    """A SuperLink with TLS and SuperNode authentication; the hospitals' keys and
+    `spare` registered, `stranger` not."""
     root = tmp_path_factory.mktemp("secure")
     certs, keys = root / "certs", root / "keys"
     _make_certificates(certs)
     keys.mkdir()
-    for name in ("hospital-1", "hospital-2", "stranger"):
+    for name in (*HOSPITALS, "spare", "stranger"):
         _make_key(keys, name)
     port = free_port()
     cli = flower_env(root / "cli-home")
     write_cli_config(root / "cli-home", f"127.0.0.1:{port}", certs / "ca.crt")
     procs = FlowerProcesses(root)
+    audit = open_audit(root / "opened.tsv", root / "hospitals", "coordinator")
     try:
         procs.start(
             "superlink",
@@ -159,11 +177,11 @@ def federation(tmp_path_factory):
                 "--port",
                 str(port),
             ],
-            flower_env(root / "superlink" / "home"),
+            {**flower_env(root / "superlink" / "home"), **audit},
         )
         wait_healthy(port, ca=certs / "ca.crt")
         fed = Federation(root, port, certs, keys, cli, {})
-        for name in ("hospital-1", "hospital-2"):
+        for name in (*HOSPITALS, "spare"):
             done = fed.flwr("supernode", "register", str(keys / f"{name}.pub"), "test")
             fed.registered[name] = int(done["node-id"])
         assert fed.nodes() == {i: "registered" for i in fed.registered.values()}
@@ -180,41 +198,75 @@ def test_superlink_refuses_plain_http(federation):
         httpx.get(f"http://127.0.0.1:{federation.port}/health", timeout=5.0)
 
 
-def test_registered_supernode_joins_over_tls_and_completes_a_run(federation):
+def open_audit(log: Path, watch: Path, who: str) -> dict[str, str]:
+    """The environment that makes a process (and those it starts) log every file it
+    opens under `watch` to `log` as `who` (tests/open_audit/sitecustomize.py)."""
+    path = os.environ.get("PYTHONPATH", "")
+    return {
+        "PYTHONPATH": f"{OPEN_AUDIT}{os.pathsep}{path}" if path else str(OPEN_AUDIT),
+        "FL_CI_OPEN_LOG": str(log),
+        "FL_CI_OPEN_WATCH": str(watch),
+        "FL_CI_OPEN_WHO": who,
+    }
+
+
+def test_hospitals_with_their_own_data_join_over_tls_and_complete_a_run(federation):
     fed = federation
-    node_id = fed.registered["hospital-1"]
+    data = fed.root / "hospitals"
+    study = export_hospitals(data, sites=3)
+    # hospital 1 also holds pydicom's real ultrasound cine (30 frames, YBR colour)
+    shutil.copy(get_testdata_file("examples_ybr_color.dcm"), data / "site-1/real.dcm")
+    add_manifest_rows(data / "site-1", ["real.dcm,A4C,real-patient-1,real-scanner"])
     procs = FlowerProcesses(fed.root / "joins")
     try:
-        node = fed.supernode(
-            procs,
-            "hospital-1",
-            "--root-certificates",
-            str(fed.certs / "ca.crt"),
-            "--auth-supernode-private-key",
-            str(fed.keys / "hospital-1"),
-        )
-        deadline = time.time() + 45
-        while fed.nodes()[node_id] != "online":
-            assert node.poll() is None, procs.log("hospital-1")
-            assert time.time() < deadline, "registered SuperNode never came online"
+        nodes = {}
+        for site, name in enumerate(HOSPITALS):
+            nodes[name] = fed.supernode(
+                procs,
+                name,
+                "--root-certificates",
+                str(fed.certs / "ca.crt"),
+                "--auth-supernode-private-key",
+                str(fed.keys / name),
+                node_config=f"data-root='{data / f'site-{site}'}' site-id={site}",
+                env=open_audit(fed.root / "opened.tsv", data, name),
+            )
+        deadline = time.time() + 60
+        while any(fed.nodes()[fed.registered[n]] != "online" for n in HOSPITALS):
+            for name, node in nodes.items():
+                assert node.poll() is None, procs.log(name)
+            assert time.time() < deadline, "registered SuperNodes never came online"
             time.sleep(1)
-        assert f"SuperNode ID: {node_id}" in procs.log("hospital-1")
+        for name in HOSPITALS:
+            assert f"SuperNode ID: {fed.registered[name]}" in procs.log(name)
 
         out = fed.root / "run-out"
-        started = fed.flwr(
-            "run",
-            str(REPO),
-            "test",
-            "--run-config",
-            f"{RUN_CONFIG} out='{out}' progress=false",
-            timeout=120,
+        config = run_config_file(
+            study, fed.root / "study.toml", out=str(out), progress=False
         )
-        run = wait_for_run(fed.cli, fed.root, started["run-id"], procs, timeout=180)
+        started = fed.flwr("run", str(REPO), "test", "--run-config", str(config))
+        run = wait_for_run(fed.cli, fed.root, started["run-id"], procs, timeout=480)
         assert run["status"] == "finished:completed", (run, procs.log("hospital-1"))
-        summary = json.loads((out / "summary.json").read_text())
-        assert summary["sites"] == 1 and summary["tasks_completed"] == 1
     finally:
         procs.stop()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["sites"] == 3 and summary["tasks_completed"] == 2
+    assert summary["evaluation"] == "sites"  # the coordinator has no test set
+    assert set(summary["site_accuracy"]) == {"0", "1", "2"}
+    for site in range(3):  # every row of its own manifest, none of another's
+        rows = summary["sites_data"][str(site)]
+        held = rows["train"] + rows["val"] + rows["test"]
+        assert held == manifest_rows(data / f"site-{site}"), (site, rows)
+    opened: dict[str, set[str]] = {}
+    for line in (fed.root / "opened.tsv").read_text().splitlines():
+        who, path = line.split("\t", 1)
+        opened.setdefault(who, set()).add(path)
+    assert "coordinator" not in opened, sorted(opened.get("coordinator", []))[:5]
+    for site, name in enumerate(HOSPITALS):
+        own = str((data / f"site-{site}").resolve())
+        assert opened.get(name), f"{name} opened none of its files"
+        assert all(p.startswith(own + os.sep) for p in opened[name]), name
+    assert str((data / "site-1/real.dcm").resolve()) in opened["hospital-1"]
 
 
 @pytest.mark.parametrize(
@@ -249,7 +301,7 @@ def test_unregistered_supernode_is_refused(federation, key, refusal):
         # nothing joined: the SuperLink knows only the registered keys
         nodes = fed.nodes()
         assert set(nodes) == set(fed.registered.values())
-        assert nodes[fed.registered["hospital-2"]] == "registered"
+        assert nodes[fed.registered["spare"]] == "registered"
     finally:
         procs.stop()
 
@@ -272,7 +324,7 @@ def test_supernode_without_tls_cannot_reach_the_tls_superlink(
     if transport[0] == "--root-certificates":
         transport = [transport[0], str(fed.certs / transport[1])]
         # a registered key: only the transport stands in the way
-        transport += ["--auth-supernode-private-key", str(fed.keys / "hospital-2")]
+        transport += ["--auth-supernode-private-key", str(fed.keys / "spare")]
     try:
         node = fed.supernode(procs, "node", *transport, "--max-retries", "1")
         try:
@@ -284,7 +336,7 @@ def test_supernode_without_tls_cannot_reach_the_tls_superlink(
         assert "Failed to initialize the connection to the SuperLink." in log
         assert failure in log
         assert "[code: 20" not in log  # refused by TLS, before authentication
-        assert fed.nodes()[fed.registered["hospital-2"]] == "registered"
+        assert fed.nodes()[fed.registered["spare"]] == "registered"
     finally:
         procs.stop()
 
@@ -300,7 +352,7 @@ def test_supernode_sends_its_key_only_over_tls(federation):
             "node",
             "--insecure",
             "--auth-supernode-private-key",
-            str(fed.keys / "hospital-2"),
+            str(fed.keys / "spare"),
         )
         code = node.wait(60)
         log = procs.log("node")
