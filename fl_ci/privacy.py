@@ -23,6 +23,16 @@ exactly from the analytic Gaussian curve (Balle & Wang 2018, ICML, Theorem 8). T
 Rényi-DP route (Mironov 2017) is kept as the general-purpose accountant and as a check:
 it is an upper bound on the exact ε.
 
+The accounting is Google's `dp_accounting`: the analytic Gaussian curve and its
+inverses (`get_epsilon_gaussian`, `get_sigma_gaussian`, `GaussianPrivacyLoss`), the
+RDP accountant and its conversion to (ε, δ). `fedavg_event` states a run as the
+library's DpEvents, for any of its accountants (its PLD accountant, a numerical
+composition, is the tests' independent check of the quadrature sum). Hand-written, as
+no library knows them: which noise multiplier a FedAvg round with k of m sites has
+(`fedavg_mu`, `fedavg_event`), the sensitivity of a class mean (`class_mean_epsilon`,
+`image_radius`), and Mironov's original RDP conversion (a one-line comparison;
+`dp_accounting` has only the tighter one).
+
 δ is a fixed constant, DEFAULT_DELTA = 1e-5 (the config has no key for it). It should
 stay well below 1/(number of protected units): for sites that always holds; for images
 it is 1/10 of 1/n for a site of n = 10^4 images, and no longer small beyond 10^5.
@@ -36,8 +46,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+# dp_accounting is imported inside the functions that use it: with scipy.stats it adds
+# ~1.6 s to importing every ServerApp (server/app.py imports this module), which needs
+# it only at the end of a DP run
+if TYPE_CHECKING:
+    from dp_accounting import DpEvent
 
 DEFAULT_DELTA = 1e-5
 
@@ -47,9 +64,6 @@ DEFAULT_ORDERS: tuple[float, ...] = tuple(
     1.0 + float(x) for x in np.geomspace(1e-4, 1e4, 801)
 )
 
-_SQRT2 = math.sqrt(2.0)
-_LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
-
 
 # ----- Rényi DP (Mironov 2017) ----------------------------------------------------------
 def gaussian_rdp(
@@ -57,14 +71,16 @@ def gaussian_rdp(
 ) -> np.ndarray:
     """RDP ε(α) = α / (2 z²) of ONE Gaussian mechanism with noise multiplier
     z = σ/Δ, at each order α > 1 (Mironov 2017, "Rényi differential privacy", CSF,
-    Proposition 7). Composition adds: k releases give k·α/(2 z²). z = 0: inf."""
+    Proposition 7), from dp_accounting's RDP accountant. Composition adds: k releases
+    give k·α/(2 z²). z = 0: inf."""
     a = _orders(orders)
     z = float(noise_multiplier)
     if not z >= 0:
         raise ValueError(f"noise multiplier must be >= 0, got {noise_multiplier}")
-    if z == 0:
-        return np.full(a.shape, math.inf)
-    return a / (2.0 * z * z)
+    from dp_accounting import GaussianDpEvent
+    from dp_accounting.rdp import RdpAccountant
+
+    return RdpAccountant(a).compose(GaussianDpEvent(z)).rdp
 
 
 def rdp_to_dp(
@@ -76,11 +92,14 @@ def rdp_to_dp(
 ) -> float:
     """(ε, δ)-DP from RDP values `rdp` at `orders`, minimised over the orders.
 
-    conversion "mironov": ε = rdp(α) + log(1/δ)/(α − 1) (Mironov 2017, Proposition 3).
     conversion "cks" (default, tighter): ε = rdp(α) + log((α − 1)/α)
     − (log δ + log α)/(α − 1) (Canonne, Kamath & Steinke 2020, "The discrete Gaussian
-    for differential privacy", NeurIPS, Proposition 12; the same bound is Balle et al.
-    2020, AISTATS, Theorem 21; Google's dp_accounting uses it). Never below 0.
+    for differential privacy", NeurIPS, Proposition 12; Balle et al. 2020, AISTATS,
+    Theorem 21): dp_accounting's `compute_epsilon`, which also skips orders ≤ 1.01
+    (unstable there) and gives 0 where the KL bound already meets δ.
+    conversion "mironov": ε = rdp(α) + log(1/δ)/(α − 1) (Mironov 2017, Proposition 3),
+    hand-written: a comparison only, dp_accounting has just the tighter bound.
+    Never below 0.
     """
     a = _orders(orders)
     r = np.asarray(rdp, dtype=np.float64)
@@ -89,18 +108,20 @@ def rdp_to_dp(
     _check_delta(delta)
     if conversion == "mironov":
         eps = r + math.log(1.0 / delta) / (a - 1.0)
-    elif conversion == "cks":
-        eps = r + np.log1p(-1.0 / a) - (math.log(delta) + np.log(a)) / (a - 1.0)
-    else:
-        raise ValueError(f"conversion must be 'cks' or 'mironov', got {conversion!r}")
-    return max(float(np.min(eps)), 0.0)
+        return max(float(np.min(eps)), 0.0)
+    if conversion == "cks":
+        from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
+
+        return float(compute_epsilon(a, r, delta)[0])
+    raise ValueError(f"conversion must be 'cks' or 'mironov', got {conversion!r}")
 
 
 # ----- Gaussian DP: exact (ε, δ) of composed Gaussian mechanisms ------------------------
 def gdp_delta(mu: float, epsilon: float) -> float:
     """δ(ε) = Φ(−ε/mu + mu/2) − e^ε Φ(−ε/mu − mu/2): the exact privacy curve of a
     mu-GDP mechanism (Balle & Wang 2018, Theorem 8; Dong, Roth & Su 2022,
-    Corollary 2.13). e^ε·Φ(·) is evaluated in log space, so any ε is fine."""
+    Corollary 2.13), i.e. of one Gaussian mechanism with sensitivity 1 and noise std
+    1/mu: dp_accounting's `GaussianPrivacyLoss.get_delta_for_epsilon`."""
     mu, epsilon = float(mu), float(epsilon)
     if not mu >= 0:
         raise ValueError(f"mu must be >= 0, got {mu}")
@@ -108,64 +129,58 @@ def gdp_delta(mu: float, epsilon: float) -> float:
         return 0.0
     if math.isinf(mu):
         return 1.0
-    first = math.exp(_log_ndtr(-epsilon / mu + mu / 2))
-    second = math.exp(epsilon + _log_ndtr(-epsilon / mu - mu / 2))
-    return max(first - second, 0.0)
+    from dp_accounting.pld.privacy_loss_mechanism import GaussianPrivacyLoss
+
+    loss = GaussianPrivacyLoss(standard_deviation=1.0 / mu, sensitivity=1.0)
+    return max(float(loss.get_delta_for_epsilon(epsilon)), 0.0)
 
 
 def gdp_epsilon(mu: float, delta: float = DEFAULT_DELTA) -> float:
-    """The smallest ε with δ(ε) ≤ `delta` for a mu-GDP mechanism (see `gdp_delta`,
-    which decreases in ε); found by bisection to 1e-10 relative. mu = inf: inf."""
+    """The smallest ε with δ(ε) ≤ `delta` for a mu-GDP mechanism (see `gdp_delta`):
+    dp_accounting's `get_epsilon_gaussian` at noise std 1/mu (Balle & Wang 2018; root
+    found to 1e-12). mu = inf: inf."""
     mu = float(mu)
     _check_delta(delta)
     if not mu >= 0:
         raise ValueError(f"mu must be >= 0, got {mu}")
     if math.isinf(mu):
         return math.inf
-    if gdp_delta(mu, 0.0) <= delta:
+    if mu == 0:
         return 0.0
-    lo, hi = 0.0, 1.0
-    while gdp_delta(mu, hi) > delta:
-        lo, hi = hi, 2.0 * hi
-    while hi - lo > 1e-10 * hi:
-        mid = 0.5 * (lo + hi)
-        if gdp_delta(mu, mid) > delta:
-            lo = mid
-        else:
-            hi = mid
-    return hi
+    from dp_accounting import get_epsilon_gaussian
+
+    return float(get_epsilon_gaussian(1.0 / mu, delta))
 
 
 def gdp_mu(epsilon: float, delta: float = DEFAULT_DELTA) -> float:
     """The largest mu whose mechanism is (`epsilon`, `delta`)-DP: the inverse of
-    `gdp_epsilon` in mu, for calibrating noise (σ = Δ·sqrt(releases) / mu)."""
+    `gdp_epsilon` in mu, for calibrating noise (σ = Δ·sqrt(releases) / mu); 1 over
+    dp_accounting's `get_sigma_gaussian`."""
     _check_delta(delta)
     if not epsilon >= 0:
         raise ValueError(f"epsilon must be >= 0, got {epsilon}")
-    lo, hi = 0.0, 1.0
-    while gdp_epsilon(hi, delta) <= epsilon:
-        lo, hi = hi, 2.0 * hi
-    while hi - lo > 1e-10 * hi:
-        mid = 0.5 * (lo + hi)
-        if gdp_epsilon(mid, delta) <= epsilon:
-            lo = mid
-        else:
-            hi = mid
-    return lo
+    from dp_accounting import get_sigma_gaussian
+
+    return 1.0 / float(get_sigma_gaussian(epsilon, delta))
 
 
 def mu_epsilon(
     mu: float, delta: float = DEFAULT_DELTA, *, accountant: str = "exact"
 ) -> float:
     """ε at `delta` of composed Gaussian mechanisms of total GDP parameter mu:
-    "exact" (`gdp_epsilon`) or "rdp" (RDP mu²·α/2 at DEFAULT_ORDERS, CKS conversion;
-    an upper bound on the exact value)."""
+    "exact" (`gdp_epsilon`) or "rdp" (dp_accounting's RDP accountant at
+    DEFAULT_ORDERS, CKS conversion; an upper bound on the exact value)."""
     if accountant == "exact":
         return gdp_epsilon(mu, delta)
     if accountant == "rdp":
+        _check_delta(delta)
         if mu == 0:
             return 0.0
-        return rdp_to_dp(gaussian_rdp(1.0 / mu), DEFAULT_ORDERS, delta)
+        from dp_accounting import GaussianDpEvent
+        from dp_accounting.rdp import RdpAccountant
+
+        rdp = RdpAccountant(DEFAULT_ORDERS).compose(GaussianDpEvent(1.0 / mu))
+        return float(rdp.get_epsilon(delta))
     raise ValueError(f"accountant must be 'exact' or 'rdp', got {accountant!r}")
 
 
@@ -199,7 +214,23 @@ def fedavg_mu(noise_multiplier: float, sites: int, aggregated: Sequence[int]) ->
         return 0.0
     if z == 0:
         return math.inf
+    # composing Gaussian mechanisms is exactly a sum in quadrature (Dong, Roth & Su,
+    # Cor. 3.3); dp_accounting composes only as RDP or numerically (PLD), so the
+    # tests use `fedavg_event` with its PLD accountant as the check of this line
     return math.sqrt(sum((sites / (z * int(k))) ** 2 for k in aggregated))
+
+
+def fedavg_event(
+    noise_multiplier: float, sites: int, aggregated: Sequence[int]
+) -> DpEvent:
+    """The rounds of `fedavg_mu` as dp_accounting's DpEvents, for any of its
+    accountants: round r is a Gaussian mechanism of noise multiplier z·k_r/m (std
+    z·C/m over sensitivity C/k_r)."""
+    from dp_accounting import ComposedDpEvent, GaussianDpEvent
+
+    fedavg_mu(noise_multiplier, sites, aggregated)  # the same checks
+    z = float(noise_multiplier)
+    return ComposedDpEvent([GaussianDpEvent(z * int(k) / sites) for k in aggregated])
 
 
 def central_dp_summary(
@@ -279,18 +310,6 @@ def image_radius(std: Sequence[float], shape: Sequence[int]) -> float:
 
 
 # ----- helpers -------------------------------------------------------------------------
-def _log_ndtr(x: float) -> float:
-    """log Φ(x), accurate in both tails (erfc underflows below x ≈ −37)."""
-    if x > 0:
-        return math.log1p(-0.5 * math.erfc(x / _SQRT2))
-    if x > -30:
-        return math.log(0.5 * math.erfc(-x / _SQRT2))
-    # asymptotic series: Φ(x) = φ(x)/|x| · (1 − 1/x² + 3/x⁴ − 15/x⁶ + ...)
-    x2 = x * x
-    series = 1.0 - 1.0 / x2 + 3.0 / x2**2 - 15.0 / x2**3 + 105.0 / x2**4
-    return -0.5 * x2 - _LOG_SQRT_2PI - math.log(-x) + math.log(series)
-
-
 def _orders(orders: Sequence[float]) -> np.ndarray:
     a = np.asarray(orders, dtype=np.float64)
     if a.ndim != 1 or a.size == 0 or not (a > 1).all():

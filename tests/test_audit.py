@@ -22,6 +22,7 @@ from fl_ci.audit import (
     nearest_real,
     real_images,
     ssim,
+    ssim_window,
 )
 from fl_ci.config import Config
 from fl_ci.data.cifar100 import load_cifar100
@@ -73,9 +74,11 @@ def pixels(x, mean, std):
 
 
 # ----- SSIM --------------------------------------------------------------------------
-def direct_ssim(a: np.ndarray, b: np.ndarray, size: int = 11) -> float:
+def direct_ssim(
+    a: np.ndarray, b: np.ndarray, size: int = 11, sigma: float = 1.5
+) -> float:
     """SSIM of two [C, H, W] images by an explicit loop over size x size windows."""
-    g = gaussian_window(size).double().numpy()
+    g = gaussian_window(size, sigma).double().numpy()
     w2 = np.outer(g, g)
     c1, c2 = SSIM_K1**2, SSIM_K2**2
     values = []
@@ -138,18 +141,79 @@ def test_ssim_of_a_constant_shift_is_the_luminance_term(cifar):
 
 
 def test_ssim_of_small_images_and_bad_shapes():
-    # echo cines at 8 px: the window shrinks to 7 px and identical images still score 1
+    # echo cines at 8 px: a 7 px window whose sigma, 6/7, scikit-image's 3.5-sigma
+    # truncation cuts at 7 px (the code before scikit-image cut sigma 1.5 at 7 px);
+    # identical images still score 1
     data = make_echo_synth(patients=1, devices=1, frames=1, image_size=8)
     x = data.frames[:, 0].float() / 255  # [5, 1, 8, 8]
+    assert ssim_window(8, 8) == (7, pytest.approx(6 / 7))
     assert torch.equal(ssim(x, x), torch.ones(5))
     got = ssim(x, x.roll(1, 0))  # each view against another
     want = [
-        direct_ssim(x[i].double().numpy(), x[i - 1].double().numpy(), 7)
+        direct_ssim(x[i].double().numpy(), x[i - 1].double().numpy(), 7, 6 / 7)
         for i in range(5)
     ]
     assert got.tolist() == pytest.approx(want, abs=1e-5) and (got < 1).all()
     with pytest.raises(ValueError, match="batches of one shape"):
         ssim(x, x[:2])
+    with pytest.raises(ValueError, match="too small"):
+        ssim(x[..., :2, :2], x[..., :2, :2])
+
+
+# Today's SSIM before scikit-image: the hand-written float32 `ssim` this module had
+# (same window, constants and valid region), run on the `cifar` fixture's pixels at
+# commit 4b80128, to 6 decimals. scikit-image computes in float64; the two differ by
+# < 1e-7 on these images (7e-8 over all 28 pairs of 8 CIFAR images), so 1e-6 holds
+# the rounding.
+TODAY_TRAIN_VS_HELD = [0.230984, 0.061432, 0.154446, 5.9e-05]
+TODAY_TRAIN_VS_TRAIN = [0.242118, 0.122729, -0.03135, -0.046876]
+
+
+def test_ssim_from_scikit_image_keeps_the_hand_written_values(cifar):
+    x, _, h, *_, mean, std = cifar
+    a, b, c = (
+        pixels(x[:4], mean, std),
+        pixels(h[:4], mean, std),
+        pixels(x[8:12], mean, std),
+    )
+    assert ssim(a, b).tolist() == pytest.approx(TODAY_TRAIN_VS_HELD, abs=1e-6)
+    assert ssim(a, c).tolist() == pytest.approx(TODAY_TRAIN_VS_TRAIN, abs=1e-6)
+
+
+def test_search_scores_are_the_library_ssim(cifar):
+    # the hand-written batched scorer behind `nearest_real` against scikit-image, on
+    # every held-out image's exhaustive nearest training image (200 real pairs)
+    x, y, h, hy, mean, std = cifar
+    found = nearest_real(h, hy, x, y, mean=mean, std=std, top_k=0)
+    library = ssim(pixels(h, mean, std), pixels(x[found.index], mean, std))
+    assert (library - found.value).abs().max() < 1e-5
+
+
+# Today's audit figures (same commit, same fixture): the search is still the
+# hand-written scorer, SSIM(start, nearest) now comes from scikit-image.
+TODAY_AUDIT = {
+    "held_out_ssim_median": 0.223339,
+    "held_out_ssim_p99": 0.653085,
+    "impression_ssim_median": 0.166985,
+    "leakage_median": -0.448219,
+    "leakage_max": -0.121063,
+}
+TODAY_CLASS_MEAN_SSIM = [
+    0.551752, 0.442156, 0.299066, 0.334731, 0.395669,
+    0.319588, 0.416294, 0.414937, 0.3307, 0.462762,
+]  # fmt: skip
+
+
+def test_audit_figures_are_todays(cifar):
+    x, y, h, hy, mean, std = cifar
+    images, labels = fake_impressions(x, y, per_class=10, noise=0.3)
+    r = audit_impressions(images, labels, x, y, h, hy, mean=mean, std=std)
+    assert {k: getattr(r, k) for k in TODAY_AUDIT} == pytest.approx(
+        TODAY_AUDIT, abs=1e-5
+    )
+    assert list(r.class_mean_ssim.values()) == pytest.approx(
+        TODAY_CLASS_MEAN_SSIM, abs=1e-5
+    )
 
 
 # ----- nearest real image ------------------------------------------------------------

@@ -4,6 +4,7 @@ independent numerical integral, and the figures in the shared reliability notes.
 import json
 import math
 
+import dp_accounting
 import numpy as np
 import pytest
 import torch
@@ -18,11 +19,14 @@ from fl_ci.privacy import (
     central_dp_summary,
     class_mean_epsilon,
     class_mean_noise_std,
+    fedavg_event,
     fedavg_mu,
     gaussian_rdp,
     gdp_delta,
     gdp_epsilon,
+    gdp_mu,
     image_radius,
+    mu_epsilon,
     rdp_to_dp,
 )
 
@@ -215,6 +219,92 @@ def test_echo_worked_example():
     assert r == pytest.approx(196.92, abs=0.01)
     assert class_mean_epsilon(0.5, 30, r) == pytest.approx(455.8, abs=0.5)
     assert class_mean_noise_std(1.0, 30, r) == pytest.approx(48.98, abs=0.05)
+
+
+# ----- dp_accounting against the hand-written accountant it replaced ------------------
+# Today's figures: the hand-written code at commit 4b80128 (analytic Gaussian curve by
+# bisection to 1e-10 relative, RDP with the CKS conversion at DEFAULT_ORDERS), printed
+# with repr. dp_accounting finds the same roots by brentq to 1e-12: the exact column
+# agreed to 1e-10 relative and the RDP column to 1e-15 over 120 settings, so 1e-8
+# relative is the stated tolerance.
+# (noise multiplier z, rounds, delta, exact epsilon, RDP epsilon), every site every round
+TODAY_CENTRAL = [
+    (0.5, 1, 1e-05, 9.997256146743894, 10.72513254454574),
+    (0.5, 10, 1e-05, 46.21121019124985, 48.75455418185193),
+    (1.0, 1, 1e-05, 4.377178095746785, 4.72852966342444),
+    (1.0, 10, 1e-05, 17.856586830690503, 19.047733368407496),
+    (1.0, 100, 1e-05, 91.81728962808847, 96.03700180877635),
+    (2.0, 10, 1e-05, 7.511275900993496, 8.078832275692447),
+    (4.0, 100, 1e-05, 13.20671224128455, 14.13075863104762),
+    (1.0, 10, 1e-06, 19.423656474798918, 20.552988844057094),
+    (8.0, 1, 1e-06, 0.5038556150102522, 0.5451270498554355),
+    (0.3, 50, 0.001, 349.67601731419563, 362.46185550821224),
+]
+# (z, sites m, sites averaged per round, mu, exact epsilon at 1e-5): rounds with fewer
+# sites cost more
+TODAY_SUMMARIES = [
+    (1.0, 3, [3, 3, 2], 2.0615528128088303, 10.378239460289478),
+    (2.0, 5, [5, 4, 3, 5, 5], 1.3546473505840717, 6.245482058264315),
+    (0.8, 10, [10] * 20 + [7] * 5, 6.8697800220254805, 52.1197714805603),
+    (1.5, 4, [1], 2.6666666666666665, 14.334311217069626),
+]
+
+
+@pytest.mark.parametrize("z, rounds, delta, exact, rdp", TODAY_CENTRAL)
+def test_dp_accounting_gives_todays_central_epsilons(z, rounds, delta, exact, rdp):
+    assert central_dp_epsilon(z, rounds, delta) == pytest.approx(exact, rel=1e-8)
+    assert central_dp_epsilon(z, rounds, delta, accountant="rdp") == pytest.approx(
+        rdp, rel=1e-8
+    )
+
+
+@pytest.mark.parametrize("z, sites, aggregated, mu, epsilon", TODAY_SUMMARIES)
+def test_dp_accounting_gives_todays_summaries(z, sites, aggregated, mu, epsilon):
+    summary = central_dp_summary(z, sites, aggregated)
+    assert summary["dp_mu"] == pytest.approx(mu, rel=1e-12)
+    assert summary["dp_epsilon"] == pytest.approx(epsilon, rel=1e-8)
+
+
+@pytest.mark.parametrize("z, sites, aggregated, mu, epsilon", TODAY_SUMMARIES[:3])
+def test_the_libraries_own_composition_agrees_with_the_quadrature_sum(
+    z, sites, aggregated, mu, epsilon
+):
+    """dp_accounting composes the per-round Gaussian events itself: its PLD accountant
+    numerically (pessimistic, so from above; at a 1e-3 loss grid within 3e-7
+    relative of the exact value, 1e-5 stated) and its RDP accountant by adding RDP
+    curves (the same sum as the RDP of the total mu, to rounding)."""
+    event = fedavg_event(z, sites, aggregated)
+    pld = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-3)
+    got = pld.compose(event).get_epsilon(DEFAULT_DELTA)
+    assert epsilon * (1 - 1e-12) <= got <= epsilon * (1 + 1e-5)
+    rdp = dp_accounting.rdp.RdpAccountant(DEFAULT_ORDERS).compose(event)
+    assert rdp.get_epsilon(DEFAULT_DELTA) == pytest.approx(
+        mu_epsilon(mu, accountant="rdp"), rel=1e-12
+    )
+
+
+def test_dp_accounting_gives_todays_calibration_and_curve():
+    """gdp_mu, class_mean_epsilon and gdp_delta at today's values (same commit)."""
+    assert gdp_mu(1.0) == pytest.approx(0.2680511232028948, rel=1e-8)
+    assert gdp_mu(8.0, 1e-6) == pytest.approx(1.5315451174974442, rel=1e-8)
+    assert gdp_delta(1.0, 1.0) == pytest.approx(0.12693673750664378, rel=1e-10)
+    assert gdp_delta(3.0, 8.0) == pytest.approx(0.07560389484898666, rel=1e-10)
+    assert class_mean_epsilon(2.07, 100, math.sqrt(3072) / 2) == pytest.approx(
+        0.9987936802208424, rel=1e-8
+    )
+    assert class_mean_epsilon(
+        2.0, 30, 10.0, releases=4, accountant="rdp"
+    ) == pytest.approx(2.9849304833772514, rel=1e-8)
+    assert class_mean_noise_std(1.0, 100, math.sqrt(3072) / 2) == pytest.approx(
+        2.0677259315287775, rel=1e-8
+    )
+
+
+def test_a_round_without_noise_is_unbounded_for_every_accountant():
+    event = fedavg_event(0.0, 3, [3])
+    assert math.isinf(central_dp_summary(0.0, 3, [3])["dp_epsilon"])
+    rdp = dp_accounting.rdp.RdpAccountant(DEFAULT_ORDERS).compose(event)
+    assert math.isinf(rdp.get_epsilon(DEFAULT_DELTA))
 
 
 # ----- the run summary -----------------------------------------------------------------
