@@ -121,9 +121,7 @@ def test_existing_model_pt_with_the_same_weights_is_kept(tmp_path: Path) -> None
     before = (tmp_path / MODEL_NAME).read_bytes()
     write(tmp_path, model)
     assert (tmp_path / MODEL_NAME).read_bytes() == before
-    assert torch.equal(
-        load_bundle(tmp_path).model.head.weight, model.head.weight
-    )
+    assert torch.equal(load_bundle(tmp_path).model.head.weight, model.head.weight)
 
 
 def test_existing_model_pt_with_other_weights_is_refused(tmp_path: Path) -> None:
