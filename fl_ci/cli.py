@@ -2,6 +2,7 @@
 
 fl-ci bundle RUN_DIR [--mean M --std S]     describe a finished run's model
 fl-ci predict BUNDLE INPUT --out predictions.csv [--frames N] [--device ...]
+fl-ci export BUNDLE --onnx model.onnx
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import sys
 
 from fl_ci.bundle import BundleError
 from fl_ci.data.base import DataError
+from fl_ci.onnx_export import ExportError
 from fl_ci.predict import PredictError
 
 
@@ -51,6 +53,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="frames per forward")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    e = sub.add_parser("export", help="export the bundle's model to ONNX")
+    e.add_argument("bundle", help="bundle folder (or its bundle.json)")
+    e.add_argument("--onnx", required=True, help="ONNX file to write")
+    e.add_argument("--opset", type=int, default=None, help="ONNX opset (default 20)")
     return parser
 
 
@@ -61,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
             return _bundle(args)
         if args.command == "predict":
             return _predict(args)
-        raise AssertionError(args.command)
-    except (BundleError, DataError, PredictError) as err:
+        return _export(args)
+    except (BundleError, DataError, ExportError, PredictError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
@@ -112,6 +118,32 @@ def _predict(args: argparse.Namespace) -> int:
             "labelled)"
         )
     return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from fl_ci.bundle import load_bundle
+    from fl_ci.onnx_export import (
+        DEFAULT_OPSET,
+        compare_onnx,
+        export_onnx,
+        random_inputs,
+    )
+
+    bundle = load_bundle(args.bundle)
+    path = export_onnx(bundle, args.onnx, opset=args.opset or DEFAULT_OPSET)
+    print(f"wrote {path}")
+    try:
+        check = compare_onnx(bundle, path, random_inputs(bundle))
+    except ExportError as err:  # onnxruntime absent: the file is still good
+        print(f"not checked: {err}", file=sys.stderr)
+        return 0
+    same = "identical" if check.argmax_equal else "DIFFERENT"
+    print(
+        f"ONNX Runtime vs torch on {check.inputs} random images: max |dp| = "
+        f"{check.max_abs_probability:.1e}, max |dlogit| = {check.max_abs_logit:.1e}, "
+        f"argmax {same}"
+    )
+    return 0 if check.argmax_equal else 1
 
 
 if __name__ == "__main__":
