@@ -100,6 +100,8 @@ def _predict(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     print(f"{result.written} prediction(s) in {result.out}")
+    if result.ignored:
+        print(f"{result.ignored} file(s) neither cine nor image left alone")
     if result.skipped:
         print(
             f"{len(result.skipped)} skipped (listed in {result.skipped_file}):",

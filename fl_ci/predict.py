@@ -72,6 +72,7 @@ class PredictResult:
     labelled: int = 0  # rows whose true view is one of the bundle's classes
     correct: int = 0
     unknown_views: dict[str, int] = field(default_factory=dict)
+    ignored: int = 0  # files of a scanned folder that are neither cine nor image
 
     @property
     def accuracy(self) -> float | None:
@@ -150,7 +151,9 @@ def predict(
     header += ["patient_id"] * inputs.has_patient + ["view"] * inputs.has_view
     header += ["predicted", *(f"prob_{c}" for c in names), "frames"]
     header += ["correct"] * inputs.has_view
-    result = PredictResult(out, skipped_file, 0, list(inputs.skipped))
+    result = PredictResult(
+        out, skipped_file, 0, list(inputs.skipped), ignored=inputs.ignored
+    )
     model = bundle.model.to(dev).eval()
     out.parent.mkdir(parents=True, exist_ok=True)
     try:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import av
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -242,6 +243,7 @@ def test_pydicom_ultrasound_cines_are_scored_and_bad_files_listed(
     assert skipped[0]["reason"]
     printed = capsys.readouterr()
     assert "broken.dcm" in printed.err
+    assert "1 file(s) neither cine nor image" in printed.out  # notes.txt
     assert "accuracy" not in printed.out
 
 
@@ -249,6 +251,27 @@ def test_cine_frames_are_decoded_as_the_run_decodes_them(tmp_path: Path) -> None
     arr, idx = read_item(Item(Path(US_CINE), "us"), frames=8, image_size=48)
     assert " ".join(map(str, idx)) == US_SAMPLED_8
     assert np.array_equal(arr[:, 0], _decode(Path(US_CINE), 8, 48))
+
+
+def test_videos_are_scored_on_frames_counted_by_decoding(
+    bundle_dir: Path, tmp_path: Path
+) -> None:
+    root = tmp_path / "videos"
+    root.mkdir()
+    with av.open(str(root / "ten.avi"), "w") as container:  # 10 gray frames
+        stream = container.add_stream("mjpeg", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 48, 32, "yuvj420p"
+        for v in range(0, 250, 25):
+            img = np.full((32, 48, 3), v, dtype=np.uint8)
+            for packet in stream.encode(
+                av.VideoFrame.from_ndarray(img, format="rgb24")
+            ):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    predict(bundle_dir, root, tmp_path / "v.csv", frames=4, progress=False)
+    (row,) = read_csv(tmp_path / "v.csv")
+    assert row["frames"] == "0 2 5 7"  # floor(5 + (i - 2) * 2.5)
 
 
 def test_still_images_are_read_like_a_one_frame_cine(tmp_path: Path) -> None:
