@@ -23,9 +23,9 @@ from pydicom.data import get_testdata_file
 from fl_ci.bundle import MODEL_NAME, BundleError, bundle_from_run, load_bundle
 from fl_ci.cli import main
 from fl_ci.config import Config
+from fl_ci.data.base import batches
 from fl_ci.data.echo import _decode
 from fl_ci.experiment import Experiment
-from fl_ci.experiment import predict as run_predict
 from fl_ci.predict import Item, predict, read_item
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
@@ -126,14 +126,9 @@ def us_folder(tmp_path: Path) -> Path:
 # ------------------------------------------------------------------ bundle a run
 
 
-def test_a_local_run_is_bundled_with_its_final_checkpointed_weights(
-    run_dir: Path, bundle_dir: Path, experiment: Experiment
+def test_a_run_is_bundled_with_its_description_and_normalisation(
+    bundle_dir: Path, experiment: Experiment
 ) -> None:
-    assert not (run_dir / MODEL_NAME).exists()  # local runs write checkpoint.pt only
-    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
-    saved = torch.load(bundle_dir / MODEL_NAME, weights_only=True)
-    assert saved.keys() == ckpt["model"].keys()
-    assert all(torch.equal(saved[k], ckpt["model"][k]) for k in saved)
     bundle = load_bundle(bundle_dir)
     assert bundle.class_names == experiment.class_names
     assert bundle.info["classes_per_task"] == [len(t) for t in experiment.tasks]
@@ -141,6 +136,19 @@ def test_a_local_run_is_bundled_with_its_final_checkpointed_weights(
     assert bundle.std == experiment.splits.train.std
     assert (bundle.image_size, bundle.frames, bundle.in_channels) == (32, 2, 1)
     assert "recomputed" in bundle.info["input"]["normalisation_source"]
+
+
+def test_a_run_without_model_pt_is_bundled_from_its_final_checkpoint(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out)
+    (out / MODEL_NAME).unlink(missing_ok=True)  # as single-machine runs leave it
+    bundle_from_run(out, mean=(0.2,), std=(0.1,))
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    saved = torch.load(out / MODEL_NAME, weights_only=True)
+    assert saved.keys() == ckpt["model"].keys()
+    assert all(torch.equal(saved[k], ckpt["model"][k]) for k in saved)
 
 
 def test_given_normalisation_is_used_and_said(run_dir: Path, tmp_path: Path) -> None:
@@ -161,7 +169,7 @@ def test_an_unfinished_run_is_not_bundled(run_dir: Path, tmp_path: Path) -> None
     (out / "summary.json").write_text(json.dumps(summary))
     with pytest.raises(BundleError, match="completed 2 of 4 tasks"):
         bundle_from_run(out)
-    assert not (out / "bundle.json").exists() and not (out / MODEL_NAME).exists()
+    assert not (out / "bundle.json").exists()
 
 
 # ------------------------------------------------------------------ predict
@@ -184,9 +192,12 @@ def test_middle_frame_predictions_reproduce_the_runs_test_accuracy(
     test = experiment.splits.test
     assert len(rows) == len(test)
     assert all(r["frames"] == "1" for r in rows)  # 2 frames: the middle is index 1
-    # item by item, the run's own evaluation (batched, middle frame) agrees
+    # item by item, the run's own evaluation (its batches: the middle frame) agrees
     model = load_bundle(bundle_dir).model
-    own = run_predict(model, test, "cpu", 256)
+    with torch.inference_mode():
+        own = torch.cat(
+            [model(x).argmax(1) for x, _ in batches(test, 256, train=False)]
+        )
     assert [r["predicted"] for r in rows] == [experiment.class_names[p] for p in own]
     result = predict(bundle_dir, test_split, out, frames=1, progress=False)
     assert result.labelled == len(test)
