@@ -174,6 +174,8 @@ def train(msg: Message, context: Context) -> Message:
                     P.NUM_EXAMPLES: int(metrics["num_examples"]),
                     P.SKIPPED_ITEMS: len(data.skipped),
                     **{P.ROWS + k: int(v) for k, v in data.row_counts().items()},
+                    P.NORM_MEAN: [float(v) for v in data.normalization[0]],
+                    P.NORM_STD: [float(v) for v in data.normalization[1]],
                 }
             ),
         }

@@ -188,6 +188,10 @@ class SimulatedSite:
         """The study's test images of every class seen (`ci.target = "test"`)."""
         return self.exp.held_out("test", task)
 
+    @property
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        return self.exp.splits.train.mean, self.exp.splits.train.std
+
     def row_counts(self) -> dict[str, int]:
         """Rows this site holds over the whole study, by split."""
         parts = [self.exp.site_data(t, self.number) for t in range(len(self.exp.tasks))]

@@ -58,6 +58,10 @@ class SiteData(Protocol):
     def row_counts(self) -> dict[str, int]:
         """Rows the site holds, by split, and items it left out."""
 
+    @property
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The input (mean, std) its images are normalised with: the study's."""
+
 
 @dataclass
 class OwnData:
@@ -119,6 +123,10 @@ class OwnData:
 
     def row_counts(self) -> dict[str, int]:
         return self.splits.row_counts()
+
+    @property
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        return self.splits.train.mean, self.splits.train.std
 
 
 # A site builds its data once per process, not once per message (a Flower client

@@ -27,13 +27,16 @@ from typing import Any
 
 import torch
 
+from fl_ci.bundle import run_metrics, write_bundle
 from fl_ci.checkpoint import end_of_round, load_checkpoint, restore
 from fl_ci.config import Config, ConfigError
+from fl_ci.data.registry import dataset_spec, normalization
 from fl_ci.experiment import Experiment
 from fl_ci.metrics import accuracy_from_counts
 from fl_ci.models import IncrementalNet
 from fl_ci.plan import StudyPlan
 from fl_ci.recorder import Recorder
+from fl_ci.report import write_report
 from fl_ci.results import atomic_torch_save
 from fl_ci.site import Counts, class_counts
 from fl_ci.synthesis import ClassMeans
@@ -193,10 +196,37 @@ class Study:
             stop_after_round=self.stop_after_round,
         )
 
-    def finish(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Write the summary and the final model; returns the summary (and `table`)."""
+    def finish(
+        self,
+        extra: dict[str, Any] | None = None,
+        normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+    ) -> dict[str, Any]:
+        """Write the summary, the final model with its bundle (what a hospital needs
+        to use it: fl_ci/bundle.py) and `report.html`; returns the summary (and
+        `table`). `normalization` is the input (mean, std) the sites used, where the
+        study does not fix it (the procedural echo's render)."""
         summary = self.recorder.write(self.out, extra=extra)
         atomic_torch_save(self.model.state_dict(), self.out / "model.pt")
+        norm = normalization or study_normalization(self.cfg, self.central)
+        if norm is not None:
+            spec = dataset_spec(self.cfg.dataset)
+            write_bundle(
+                self.out,
+                self.model,
+                config_flat=self.cfg.to_flat(),
+                class_names=self.plan.class_names,
+                classes_per_task=[len(t) for t in self.plan.tasks],
+                mean=tuple(norm[0]),
+                std=tuple(norm[1]),
+                in_channels=spec.in_channels,
+                image_size=self.cfg.data.image_size or spec.image_size,
+                frames=self.cfg.data.frames if spec.cines else 1,
+                metrics=run_metrics(summary),
+                normalisation_source="the study's"
+                if normalization is None
+                else "reported by the sites",
+            )
+        write_report(self.out)
         summary["table"] = self.recorder.table()
         return summary
 
@@ -240,6 +270,17 @@ class Study:
     def central_counts(self, task: int, split: str) -> Counts:
         data = self.central.held_out(split, task)
         return class_counts(self.model, data, self.cfg)
+
+
+def study_normalization(
+    cfg: Config, central: Experiment | None = None
+) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The input (mean, std) of the study: fixed by its config or dataset, else (the
+    procedural echo) that of the data the server holds, if any."""
+    norm = normalization(cfg)
+    if norm is None and central is not None:
+        norm = (central.splits.train.mean, central.splits.train.std)
+    return norm
 
 
 def _pair(counts: Counts) -> tuple[torch.Tensor, torch.Tensor]:

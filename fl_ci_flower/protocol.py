@@ -44,6 +44,7 @@ CLASSES = "classes"  # classes the site's data held this task
 SKIPPED_ITEMS = "skipped-items"  # bad manifest rows / cines left out
 REHEARSAL = "rehearsal"  # 1: trained on synthetic replay alone
 ROWS = "rows-"  # prefix: rows the site holds by split ("rows-train", ...)
+NORM_MEAN, NORM_STD = "norm-mean", "norm-std"  # the input normalisation it used
 
 # ----- keys in `problem` and `site-notes` ---------------------------------------------
 REASON = "reason"

@@ -153,7 +153,7 @@ def run_server(
             cfg.federation.dp_noise_multiplier, cfg.sites, aggregated
         )
     extra = {**(privacy or {}), "sites_data": driver.site_rows}
-    return study.finish(extra=extra)
+    return study.finish(extra=extra, normalization=driver.normalization)
 
 
 class FlowerDriver:
@@ -166,6 +166,8 @@ class FlowerDriver:
         self.site_by_node: dict[int, int] = {}  # learnt from replies
         self.site_rows: dict[str, dict[str, int]] = {}  # rows each site reported
         self.sent_teacher: TeacherCopies | None = None
+        # the input (mean, std) the sites report; they must all agree
+        self.normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     def _config(self, step_task: int, **position) -> dict:
         base = {**self.flat, P.TASK: step_task, "out": str(self.out.resolve())}
@@ -286,6 +288,16 @@ class FlowerDriver:
             for k, v in metrics.items()
             if k.startswith(P.ROWS)
         }
+        if P.NORM_MEAN in metrics:
+            norm = (tuple(metrics[P.NORM_MEAN]), tuple(metrics[P.NORM_STD]))
+            if self.normalization is None:
+                self.normalization = norm
+            elif not np.allclose(norm, self.normalization, rtol=1e-6, atol=1e-9):
+                _say(
+                    f"round {server_round}: site {site} normalises its input with "
+                    f"mean/std {norm}, the other sites with {self.normalization}: "
+                    "check that site's data.mean / data.std"
+                )
         skipped = int(metrics.get(P.SKIPPED_ITEMS, 0))
         if skipped:
             named = []

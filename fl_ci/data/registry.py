@@ -78,7 +78,7 @@ class DatasetSpec:
     pad_divisor: int  # random-crop padding = image size // pad_divisor
     # (cfg, root, class names) -> splits in the dataset's numbering of those names
     load: Callable[[Config, str, list[str]], Splits]
-    needs_root: bool = True
+    cines: bool = True  # items are cines of `data.frames` frames (else still images)
 
 
 def _load_cifar100(cfg: Config, root: str, names: list[str]) -> Splits:
@@ -150,6 +150,7 @@ DATASETS: dict[str, DatasetSpec] = {
             flip=True,
             pad_divisor=8,  # pad 4 at 32 px, as in ABD
             load=_load_cifar100,
+            cines=False,
         ),
         DatasetSpec(
             name="echo",
@@ -174,7 +175,6 @@ DATASETS: dict[str, DatasetSpec] = {
             flip=False,
             pad_divisor=32,
             load=_load_echo_synth,
-            needs_root=False,
         ),
     )
 }
