@@ -1,7 +1,24 @@
-"""Shared fixtures."""
+"""Shared fixtures, and the environment the suite pins for itself.
 
-import pytest
-import torch
+The suite runs several Flower processes at once on a small machine: one OpenMP
+thread per process (a second only spin-waits, and results such as a resumed run's
+must not depend on the machine's core count), and Flower kept offline and quiet.
+Set here, before torch is imported, so `pytest -q` as the README prints it runs the
+suite exactly as CI does; the Flower processes the tests start inherit it.
+"""
+
+import os
+
+os.environ["OMP_NUM_THREADS"] = "1"
+for _key, _value in (
+    ("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1"),
+    ("FLWR_DISABLE_UPDATE_CHECK", "1"),
+    ("FLWR_TELEMETRY_ENABLED", "0"),
+):
+    os.environ.setdefault(_key, _value)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 @pytest.fixture(scope="module")
