@@ -39,7 +39,7 @@ class Experiment:
     @classmethod
     def from_config(cls, cfg: Config) -> Experiment:
         plan = StudyPlan.from_config(cfg)
-        return cls(plan, load_splits(cfg, plan))
+        return cls(plan, load_splits(cfg, plan.dataset_names, plan.order))
 
     @property
     def cfg(self) -> Config:

@@ -81,7 +81,8 @@ class OwnData:
     @classmethod
     def load(cls, cfg: Config, root: str, number: int) -> OwnData:
         plan = StudyPlan.from_config(cfg)
-        return cls(plan, load_splits(cfg, plan, root=root), number, root)
+        splits = load_splits(cfg, plan.dataset_names, plan.order, root=root)
+        return cls(plan, splits, number, root)
 
     @property
     def cfg(self) -> Config:

@@ -48,7 +48,9 @@ def test_single_site_run_writes_every_output(tmp_path, capsys):
     _check_outputs(tmp_path / "out", sites=1)
     assert "final_accuracy" in capsys.readouterr().out
     # impressions were synthesized once for task 1 and kept on the site's disk
-    assert len(list((tmp_path / "out/sites/site-0").glob("impressions-task1-*.pt"))) == 1
+    assert (
+        len(list((tmp_path / "out/sites/site-0").glob("impressions-task1-*.pt"))) == 1
+    )
 
 
 def test_bad_override_is_one_clear_error(tmp_path, capsys):

@@ -10,9 +10,16 @@ import pytest
 import torch
 
 from fl_ci.config import Config, ConfigError
-from fl_ci.data.registry import load_splits
+from fl_ci.data.registry import load_splits as _load_splits
 from fl_ci.experiment import Experiment
+from fl_ci.plan import StudyPlan
 from fl_ci.site import site_round
+
+
+def load_splits(cfg: Config):
+    plan = StudyPlan.from_config(cfg)
+    return _load_splits(cfg, plan.dataset_names, plan.order)
+
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -4,9 +4,9 @@ Each dataset is one row of `DATASETS`: its class names, input channels, default 
 and image size, normalisation, training augmentation and its loader. A new dataset
 touches this table and its own loader module only.
 
-`load_splits(cfg, plan)` gives train / validation / test (and, when asked for, the
+`load_splits(cfg, names, order)` gives train / validation / test (and, when asked for, the
 unlabelled exams) in model labels. Labels travel by class name: a row's name is
-looked up in the study's class list (`StudyPlan.class_names`), so sites that number
+looked up in the study's class list (`StudyPlan.dataset_names`), so sites that number
 their classes differently still agree. `root` replaces `data.root`: a hospital's own
 folder named in its node config.
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,9 +23,6 @@ from fl_ci.config import Config, ConfigError, parse_floats
 from fl_ci.data.base import DataError, ImageData
 from fl_ci.data.cifar100 import CIFAR100_FINE_NAMES, CIFAR100_MEAN, CIFAR100_STD
 from fl_ci.data.echo import ECHO_VIEWS
-
-if TYPE_CHECKING:
-    from fl_ci.plan import StudyPlan
 
 # the procedural echo's own pixel statistics at its default size (64 px, 3 devices);
 # the constants of dataset "echo" unless a study sets data.mean / data.std
@@ -224,27 +220,25 @@ def normalization(cfg: Config) -> tuple[tuple[float, ...], tuple[float, ...]] | 
 
 
 def load_splits(
-    cfg: Config, plan: StudyPlan | None = None, root: str | None = None
+    cfg: Config, names: list[str], order: list[int], root: str | None = None
 ) -> Splits:
-    """`cfg.dataset` as train / val / test in model labels (the plan's order), in
-    the study's normalisation. `root` (a site's own folder) replaces `data.root`."""
-    if plan is None:
-        from fl_ci.plan import StudyPlan
-
-        plan = StudyPlan.from_config(cfg)
+    """`cfg.dataset` as train / val / test in model labels, in the study's
+    normalisation: `names` are the study's classes in the dataset's numbering and
+    `order[i]` the one that becomes model label i (`StudyPlan.dataset_names` and
+    `.order`). `root` (a site's own folder) replaces `data.root`."""
     if cfg.data.unlabelled_fraction >= 1:
         raise ConfigError(
             "config key 'data.unlabelled_fraction' must be below 1: some training "
             "data must stay labelled"
         )
     spec = dataset_spec(cfg.dataset)
-    raw = spec.load(cfg, cfg.data.root if root is None else root, plan.dataset_names)
+    raw = spec.load(cfg, cfg.data.root if root is None else root, names)
     norm = normalization(cfg)
     parts = (raw.train, raw.val, raw.test, raw.unlabelled)
     if norm is not None:
         parts = tuple(_normalised(p, *norm) if p is not None else None for p in parts)
     train, val, test, pool = (
-        relabel(p, plan.order) if p is not None else None for p in parts
+        relabel(p, order) if p is not None else None for p in parts
     )
     return Splits(train, val, test, pool, skipped=raw.skipped)
 
