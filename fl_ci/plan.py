@@ -87,6 +87,21 @@ class StudyPlan:
             if c not in self.schedule or self.schedule[c].get(site, task + 1) <= task
         ]
 
+    def arrivals_at(self, site: int, task: int) -> str:
+        """Why `site` may hold none of `task`'s classes, by the schedule, in words:
+        "A4C arrives there at task 2" ("" if the schedule says nothing)."""
+        notes = []
+        for c in self.tasks[task]:
+            if c in self.schedule:
+                at = self.schedule[c].get(site)
+                when = (
+                    f"arrives there at task {at}"
+                    if at is not None
+                    else "never arrives there"
+                )
+                notes.append(f"{self.class_names[c]} {when}")
+        return ", ".join(notes)
+
     # ----- the model -------------------------------------------------------------------
     def build_model(self) -> IncrementalNet:
         """The model at task 0, before any training."""

@@ -178,10 +178,13 @@ class Study:
             if "server_test" in evals:
                 self.recorder.add_server_task(step.task, evals["server_test"])
             if self.progress:
+                new = ", ".join(
+                    self.plan.class_names[c] for c in self.plan.tasks[step.task]
+                )
                 self.say(
-                    f"task {step.task}: {self.plan.seen(step.task)} classes seen, test "
-                    f"accuracy {test['accuracy']:.2f}% (old {test['old_accuracy']:.2f}%, "
-                    f"new {test['new_accuracy']:.2f}%)"
+                    f"task {step.task}: {self.plan.seen(step.task)} classes seen (new: "
+                    f"{new}), test accuracy {test['accuracy']:.2f}% (old "
+                    f"{test['old_accuracy']:.2f}%, new {test['new_accuracy']:.2f}%)"
                 )
             self.recorder.write(self.out)  # outputs so far, after every task
         self.done = step.server_round

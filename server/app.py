@@ -37,6 +37,7 @@ from flwr.serverapp.strategy import Strategy
 from fl_ci.checkpoint import checkpoint_path
 from fl_ci.config import Config
 from fl_ci.methods.base import model_hash
+from fl_ci.plan import StudyPlan
 from fl_ci.privacy import central_dp_summary
 from fl_ci.site import Counts
 from fl_ci.study import RoundResult, Step, Study, average_new_rows
@@ -162,6 +163,7 @@ class FlowerDriver:
     def __init__(self, grid: Grid, cfg: Config, out: Path, faults: str = "") -> None:
         self.grid, self.cfg, self.out, self.faults = grid, cfg, out, faults
         self.strategy = build_strategy(cfg)
+        self.plan = StudyPlan.from_config(cfg)
         self.flat = cfg.to_flat()
         self.site_by_node: dict[int, int] = {}  # learnt from replies
         self.site_rows: dict[str, dict[str, int]] = {}  # rows each site reported
@@ -206,6 +208,7 @@ class FlowerDriver:
                 max_norm_ratio=cfg.federation.max_norm_ratio,
                 site_by_node=self.site_by_node,
                 teacher=self.sent_teacher if teacher is not None else None,
+                why=self.plan.arrivals_at,
             )
             for note in collected.sat_out:
                 _say(f"round {server_round}: {note}")
@@ -417,10 +420,11 @@ def collect(
     max_norm_ratio: float,
     site_by_node: dict[int, int],
     teacher: TeacherCopies | None = None,
+    why=None,
 ) -> None:
     """Send `content` (and the teacher where needed) to every connected node (a
     restarted SuperNode may have a new id), screen the replies and record the
-    attempt in `into`."""
+    attempt in `into`; `why(site, task)` explains a planned sit-out."""
     nodes = sorted(grid.get_node_ids())
     if teacher is None:
         messages = [
@@ -443,12 +447,16 @@ def collect(
             if not r.has_error() and not needs_teacher(r)
         )
     learn_sites(replies, site_by_node)
-    into.sat_out = [
-        f"site {site_of(r)} has no data for task {content[P.CONFIG][P.TASK]}: "
-        "sits this task out"
-        for r in replies
-        if sits_out(r)
-    ]
+    task = int(content[P.CONFIG][P.TASK])
+    into.sat_out = []
+    for reply in (r for r in replies if sits_out(r)):
+        site = site_of(reply)
+        reason = why(site, task) if why and isinstance(site, int) else ""
+        into.sat_out.append(
+            f"site {site} has no data for task {task}"
+            + (f" ({reason})" if reason else "")
+            + ": sits this task out"
+        )
     into.good, into.rejected = screen_replies(
         [r for r in replies if not sits_out(r)],
         content[P.ARRAYS],
@@ -508,7 +516,7 @@ def aggregate(
         strategy.current_arrays = _atleast_1d(sent, floats)
         inputs = [_for_strategy(r, keys=floats, weight=1) for r in ordered]
         for message in inputs:
-            message.content["arrays"] = _atleast_1d(message.content["arrays"], floats)
+            message.content[P.ARRAYS] = _atleast_1d(message.content[P.ARRAYS], floats)
     else:
         inputs = [_for_strategy(r) for r in ordered]
     arrays, _ = strategy.aggregate_train(server_round, inputs)
@@ -557,15 +565,15 @@ def _for_strategy(
     """The reply as Flower's strategies expect it: one ArrayRecord (a copy: median
     and trimmed mean pop arrays out of it; only `keys` if given), one MetricRecord
     (`num-examples` is the weight; `weight` replaces it, e.g. equal weights for DP)."""
-    metrics = reply.content["metrics"]
-    arrays = reply.content["arrays"]
+    metrics = reply.content[P.METRICS]
+    arrays = reply.content[P.ARRAYS]
     content = RecordDict(
         {
-            "arrays": ArrayRecord(
+            P.ARRAYS: ArrayRecord(
                 {k: arrays[k] for k in (keys if keys is not None else arrays.keys())}
             ),
-            "metrics": MetricRecord(
-                {"num-examples": metrics["num-examples"] if weight is None else weight}
+            P.METRICS: MetricRecord(
+                {P.NUM_EXAMPLES: metrics[P.NUM_EXAMPLES] if weight is None else weight}
             ),
         }
     )

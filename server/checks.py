@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
+from fl_ci_flower import protocol as P
+
 MAX_EXAMPLES = 10**8  # far above any hospital's share of a task, far below 1e12
 
 
@@ -26,8 +28,8 @@ class Rejected:
 def site_of(reply: Message, known: dict[int, int] | None = None) -> int | str:
     """The site number a reply reports, else the one its node reported earlier
     (`known`: node id -> site, e.g. for an error reply), else its node id."""
-    if not reply.has_error() and "metrics" in reply.content.metric_records:
-        site = reply.content["metrics"].get("site")
+    if not reply.has_error() and P.METRICS in reply.content.metric_records:
+        site = reply.content[P.METRICS].get(P.SITE)
         if isinstance(site, (int, float)) and not isinstance(site, bool):
             return int(site)
     node = reply.metadata.src_node_id
@@ -56,20 +58,20 @@ def check_reply(
     if reply.has_error():
         return f"site error: {short_error(reply.error.reason)}"
     content = reply.content
-    if "arrays" not in content.array_records or "metrics" not in content.metric_records:
+    if P.ARRAYS not in content.array_records or P.METRICS not in content.metric_records:
         return "reply lacks the 'arrays' or 'metrics' record"
-    metrics = content["metrics"]
-    if "problem" in content.config_records:
-        return f"site reported: {content['problem'].get('reason', 'unknown problem')}"
-    n = metrics.get("num-examples")
+    metrics = content[P.METRICS]
+    if P.PROBLEM in content.config_records:
+        return f"site reported: {content[P.PROBLEM].get(P.REASON, 'unknown problem')}"
+    n = metrics.get(P.NUM_EXAMPLES)
     if not isinstance(n, (int, float)) or not math.isfinite(n) or n <= 0:
         return f"example count {n!r} is not a positive number"
     if n > max_examples:
         return f"example count {n} exceeds the plausible maximum {max_examples}"
-    classes = metrics.get("num-classes")
+    classes = metrics.get(P.NUM_CLASSES)
     if classes is not None and int(classes) != announced_classes:
         return f"model has {classes} classes, the server announced {announced_classes}"
-    held = metrics.get("classes")
+    held = metrics.get(P.CLASSES)
     if held is not None:
         # a site whose data names a class the server never announced trained its
         # head on labels the global model does not have
@@ -84,7 +86,7 @@ def check_reply(
                 f"site's data holds classes {unknown[:5]} the server did not announce "
                 f"(announced 0..{announced_classes - 1})"
             )
-    arrays = content["arrays"]
+    arrays = content[P.ARRAYS]
     if set(arrays.keys()) != set(sent.keys()):
         missing = sorted(set(sent.keys()) - set(arrays.keys()))
         extra = sorted(set(arrays.keys()) - set(sent.keys()))
@@ -105,7 +107,7 @@ def check_reply(
 def update_norm(reply: Message, sent: ArrayRecord) -> float:
     """L2 norm of (returned - sent) over the float arrays."""
     total = 0.0
-    for key, array in reply.content["arrays"].items():
+    for key, array in reply.content[P.ARRAYS].items():
         new = array.numpy()
         if new.dtype.kind != "f":
             continue
