@@ -34,7 +34,7 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
-from client.faults import FaultySite, InjectedCrash, active_faults
+from client.faults import ATTACKS, FaultySite, InjectedCrash, active_faults, attack
 from fl_ci.config import Config, ConfigError
 from fl_ci.data.base import DataError
 from fl_ci.methods import SiteStore
@@ -162,16 +162,21 @@ def train(msg: Message, context: Context) -> Message:
         # the site reports what went wrong; the server leaves it out of this round
         log.error("site %d, task %d, round %d: %s", site, at.task, at.round, err)
         return problem_reply(msg, site, f"{type(err).__name__}: {err}")
+    state, claimed = model.state_dict(), None
+    if faults & set(ATTACKS):  # test-only: this site's reply is an attack
+        state, claimed = attack(
+            faults, msg.content[P.ARRAYS].to_torch_state_dict(), state
+        )
     content = RecordDict(
         {
-            P.ARRAYS: ArrayRecord(torch_state_dict=model.state_dict()),
+            P.ARRAYS: ArrayRecord(torch_state_dict=state),
             P.METRICS: MetricRecord(
                 {
                     P.SITE: site,
                     P.NUM_CLASSES: model.num_classes,
                     P.CLASSES: held,
                     **{k: float(v) for k, v in metrics.items()},
-                    P.NUM_EXAMPLES: int(metrics["num_examples"]),
+                    P.NUM_EXAMPLES: claimed or int(metrics["num_examples"]),
                     P.SKIPPED_ITEMS: len(data.skipped),
                     **{P.ROWS + k: int(v) for k, v in data.row_counts().items()},
                     P.NORM_MEAN: [float(v) for v in data.normalization[0]],

@@ -106,7 +106,19 @@ class FederationConfig:
     timeout: float = 600.0  # seconds a round waits for replies
     trim_beta: float = 0.2
     krum_malicious: int = 1
-    max_norm_ratio: float = 10.0  # reject updates whose norm exceeds this x the median
+    # the reply screen (server/checks.py; 0 switches a test off): an update norm over
+    # this x the round's median (3+ replies) or the median accepted in earlier rounds
+    max_norm_ratio: float = 10.0
+    max_update_ratio: float = 1.0  # an update norm over this x the global model's norm
+    # a claimed example count over this x the other replies' median (or, alone, the
+    # counts accepted earlier) is rejected; a site's weight never exceeds its claim at
+    # its first accepted round of the task
+    max_count_ratio: float = 10.0
+    max_site_share: float = 1.0  # cap on one site's FedAvg share (1: none)
+    # the aggregate is redone without the most suspect reply when its validation
+    # accuracy falls more than this many points within a task (0: off; needs a
+    # validation split of 20 images or more to tell a collapse from noise)
+    max_val_drop: float = 50.0
     cpus_per_site: float = 1.0
     gpus_per_site: float = 0.0
     retries: int = 1  # times a round short of sound replies is sent again
@@ -281,6 +293,8 @@ _NON_NEGATIVE = {
     "synthesis.min_mean_count", "synthesis.mean_noise_std", "ci.margin_weight",
     "ci.contrastive_weight", "ci.top_k", "federation.min_sites",
     "federation.retries", "federation.dp_clip_norm", "federation.dp_noise_multiplier",
+    "federation.max_norm_ratio", "federation.max_update_ratio",
+    "federation.max_count_ratio", "federation.max_val_drop",
     "federation.cpus_per_site", "federation.gpus_per_site",
     "partition.min_per_site", "baselines.kd_weight", "baselines.lwm_weight",
     "baselines.memory", "baselines.lucir_lambda", "baselines.lucir_margin",
@@ -293,6 +307,7 @@ _UNIT = {
     "data.unlabelled_fraction",
     "ci.synthetic_ratio",
     "ci.rho",
+    "federation.max_site_share",
     "baselines.synthetic_ratio",
 }
 

@@ -67,6 +67,14 @@ class RoundResult:
     means: ClassMeans | None = None  # class means the sites shared (last round)
     row: dict[str, Any] = field(default_factory=dict)  # the driver's measurements
     note: str = ""  # for the progress line, e.g. "3/3 sites, 2.1 s, 4.0 MB sent"
+    # the same round aggregated without its most suspect reply (None: no other)
+    redo: Callable[[], RoundResult | None] | None = None
+
+
+class AggregateRejected(RuntimeError):
+    """The round's aggregate failed the check before it became the global model,
+    and so did every aggregate without its most suspect replies; the study stopped
+    with the model of the previous round (checkpointed)."""
 
 
 class Study:
@@ -232,6 +240,44 @@ class Study:
         write_report(self.out)
         summary["table"] = self.recorder.table()
         return summary
+
+    # ----- the aggregate check --------------------------------------------------------
+    def probe_problem(self) -> str | None:
+        """Why the loaded model must not become the global one, from a probe batch of
+        seeded noise images (no data needed): non-finite outputs."""
+        spec = dataset_spec(self.cfg.dataset)
+        size = self.cfg.data.image_size or spec.image_size
+        generator = torch.Generator().manual_seed(0)
+        probe = torch.randn(4, spec.in_channels, size, size, generator=generator)
+        self.model.eval()
+        with torch.no_grad():
+            out = self.model.to("cpu")(probe)
+        if not torch.isfinite(out).all():
+            return "gives non-finite outputs on a probe batch"
+        return None
+
+    def collapse_problem(self, step: Step, val: dict[str, Any]) -> str | None:
+        """Why the loaded model must not become the global one: its validation
+        accuracy fell more than `federation.max_val_drop` points since the task's
+        previous round (on 20 validation images or more: fewer cannot tell a collapse
+        from noise)."""
+        tolerance = self.cfg.federation.max_val_drop
+        if tolerance <= 0 or step.round == 0 or val.get("examples", 0) < 20:
+            return None
+        earlier = [
+            r["accuracy"]
+            for r in self.recorder.rows
+            if r.get("split") == "val" and r.get("task") == step.task
+        ]
+        if not earlier or not earlier[-1] == earlier[-1]:  # none, or NaN
+            return None
+        if earlier[-1] - val["accuracy"] > tolerance:
+            return (
+                f"has validation accuracy {val['accuracy']:.1f}%, down from "
+                f"{earlier[-1]:.1f}% after the previous round (more than "
+                f"federation.max_val_drop = {tolerance:g} points)"
+            )
+        return None
 
     # ----- evaluation ----------------------------------------------------------------
     def evaluate(self, task: int, splits: list[str]) -> dict[str, Any]:

@@ -42,7 +42,16 @@ from fl_ci.privacy import central_dp_summary
 from fl_ci.site import Counts
 from fl_ci.study import RoundResult, Step, Study, average_new_rows
 from fl_ci_flower import protocol as P
-from server.checks import Rejected, screen_replies, short_error, site_of
+from server.checks import (
+    Rejected,
+    ScreenMemory,
+    ScreenPolicy,
+    bounded_weights,
+    screen_replies,
+    short_error,
+    site_of,
+    update_norm,
+)
 from server.strategies import build_strategy, is_dp
 
 log = logging.getLogger("fl_ci.server")
@@ -168,6 +177,11 @@ class FlowerDriver:
         self.site_by_node: dict[int, int] = {}  # learnt from replies
         self.site_rows: dict[str, dict[str, int]] = {}  # rows each site reported
         self.sent_teacher: TeacherCopies | None = None
+        fed = cfg.federation
+        self.memory = ScreenMemory()  # the screen's references across rounds
+        self.policy = ScreenPolicy(
+            fed.max_norm_ratio, fed.max_update_ratio, fed.max_count_ratio
+        )
         # the input (mean, std) the sites report; they must all agree
         self.normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
@@ -205,7 +219,9 @@ class FlowerDriver:
                 collected,
                 timeout=cfg.federation.timeout,
                 announced_classes=model.num_classes,
-                max_norm_ratio=cfg.federation.max_norm_ratio,
+                memory=self.memory,
+                policy=self.policy,
+                first_round=step.round == 0,
                 site_by_node=self.site_by_node,
                 teacher=self.sent_teacher if teacher is not None else None,
                 why=self.plan.arrivals_at,
@@ -241,15 +257,60 @@ class FlowerDriver:
         for reply in good:
             self._note_site_data(server_round, reply)
         seconds = time.perf_counter() - started
+        weights = bounded_weights(
+            good,
+            task=step.task,
+            memory=self.memory,
+            max_share=cfg.federation.max_site_share,
+        )
+        for reply, weight in zip(good, weights, strict=True):
+            claim = float(reply.content[P.METRICS][P.NUM_EXAMPLES])
+            if weight < claim:
+                _say(
+                    f"round {server_round}: site {site_of(reply)} claims {claim:.0f} "
+                    f"examples; its FedAvg weight is bounded at {weight:.0f}"
+                )
+        row = {
+            "sites_replied": collected.replied,
+            "sites_sat_out": len(collected.sat_out),
+            "sat_out": "; ".join(collected.sat_out)[:2000],
+            # sites that reported a problem or failed, and sites the screen rejected
+            "sites_reported": sum(r.kind == "problem" for r in collected.rejected),
+            "sites_rejected": sum(r.kind == "screen" for r in collected.rejected),
+            "attempts": collected.attempts,
+            "left_out": "; ".join(collected.notes)[:2000],
+            "started_at": started_at,
+            "round_seconds": seconds,
+            "bytes_sent": collected.bytes_sent,
+            "bytes_received": collected.bytes_received,
+        }
+        note = (
+            f"{len(good)}/{collected.sites} sites, {seconds:.1f} s, "
+            f"{collected.bytes_sent / 1e6:.1f} MB sent"
+        )
+        return self._combine(step, sent, good, weights, row, note)
+
+    def _combine(
+        self,
+        step: Step,
+        sent: ArrayRecord,
+        good: list[Message],
+        weights: list[float],
+        row: dict,
+        note: str,
+    ) -> RoundResult:
+        """The round's result from the sound replies `good` (FedAvg weights
+        `weights`), with a `redo` that leaves out the reply with the largest update."""
         metrics = [r.content[P.METRICS] for r in good]
-        num_examples = int(sum(m[P.NUM_EXAMPLES] for m in metrics))
-        new_state = aggregate(self.strategy, server_round, good, sent)
-        if cfg.federation.rehearse:
+        new_state = aggregate(
+            self.strategy, step.server_round, good, sent, weights=weights
+        )
+        if self.cfg.federation.rehearse:
             new_state = average_new_rows(
                 new_state,
                 [new_head_rows(r.content[P.ARRAYS]) for r in good],
                 [list(m.get(P.CLASSES, [])) for m in metrics],
-                [float(m[P.NUM_EXAMPLES]) for m in metrics],
+                weights,
                 num_old=step.model.num_old_classes,
             )
         means = None
@@ -261,26 +322,39 @@ class FlowerDriver:
             ]
             means = sum(shared[1:], shared[0]) if shared else None
         row = {
-            "sites_replied": collected.replied,
+            **row,
             "sites_aggregated": len(good),
             # sites without new data that trained on replay (federation.rehearse)
             "sites_rehearsing": sum(int(m.get(P.REHEARSAL, 0)) for m in metrics),
-            "sites_sat_out": len(collected.sat_out),
-            "sat_out": "; ".join(collected.sat_out)[:2000],
-            "sites_rejected": len(collected.rejected),
-            "attempts": collected.attempts,
-            "left_out": "; ".join(collected.notes)[:2000],
-            "started_at": started_at,
-            "round_seconds": seconds,
-            "bytes_sent": collected.bytes_sent,
-            "bytes_received": collected.bytes_received,
-            "num_examples": num_examples,
+            "num_examples": int(sum(weights)),
         }
-        note = (
-            f"{len(good)}/{collected.sites} sites, {seconds:.1f} s, "
-            f"{collected.bytes_sent / 1e6:.1f} MB sent"
-        )
-        return RoundResult(new_state, means, row, note)
+
+        def redo() -> RoundResult | None:
+            if len(good) < 2:
+                return None
+            norms = [update_norm(r, sent) for r in good]
+            worst = int(np.argmax(norms))
+            _say(
+                f"round {step.server_round}: aggregating again without site "
+                f"{site_of(good[worst])} (largest update, norm {norms[worst]:.3g})"
+            )
+            keep = [i for i in range(len(good)) if i != worst]
+            again = {
+                **row,
+                "left_out": (f"{row['left_out']}; " if row["left_out"] else "")
+                + f"site {site_of(good[worst])}: left out by the aggregate check",
+                "sites_rejected": row["sites_rejected"] + 1,
+            }
+            return self._combine(
+                step,
+                sent,
+                [good[i] for i in keep],
+                [weights[i] for i in keep],
+                again,
+                note,
+            )
+
+        return RoundResult(new_state, means, row, note, redo=redo)
 
     def _note_site_data(self, server_round: int, reply: Message) -> None:
         """Keep the rows a site reports; say which bad items it left out."""
@@ -417,8 +491,10 @@ def collect(
     *,
     timeout: float,
     announced_classes: int,
-    max_norm_ratio: float,
     site_by_node: dict[int, int],
+    memory: ScreenMemory | None = None,
+    policy: ScreenPolicy | None = None,
+    first_round: bool = True,
     teacher: TeacherCopies | None = None,
     why=None,
 ) -> None:
@@ -461,8 +537,11 @@ def collect(
         [r for r in replies if not sits_out(r)],
         content[P.ARRAYS],
         announced_classes=announced_classes,
-        max_norm_ratio=max_norm_ratio,
         known_sites=site_by_node,
+        memory=memory,
+        policy=policy,
+        task=task,
+        first_round=first_round,
     )
     answered = {r.metadata.src_node_id for r in replies}
     into.left_out = [f"site {r.site}: {r.reason}" for r in into.rejected] + [
@@ -501,14 +580,19 @@ def aggregate(
     server_round: int,
     replies: list[Message],
     sent: ArrayRecord,
+    weights: list[float] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The new global state dict from sound `replies`, ready to load into the model.
+    """The new global state dict from sound `replies`, ready to load into the model;
+    `weights` (bounded example counts, in the order of `replies`) replace the claimed
+    ones for FedAvg.
 
     Replies go to the strategy in site order, so the result does not depend on the
     order they arrived in (a resumed run then matches an uninterrupted one). The
     model is only replaced by the caller once this returned a finite state.
     """
-    ordered = sorted(replies, key=_site_key)
+    order = sorted(range(len(replies)), key=lambda i: _site_key(replies[i]))
+    ordered = [replies[i] for i in order]
+    ordered_weights = [weights[i] if weights is not None else None for i in order]
     dtypes = {k: np.dtype(sent[k].dtype) for k in sent.keys()}
     if is_dp(strategy):
         floats = [k for k, d in dtypes.items() if d.kind == "f"]
@@ -518,7 +602,10 @@ def aggregate(
         for message in inputs:
             message.content[P.ARRAYS] = _atleast_1d(message.content[P.ARRAYS], floats)
     else:
-        inputs = [_for_strategy(r) for r in ordered]
+        inputs = [
+            _for_strategy(r, weight=w)
+            for r, w in zip(ordered, ordered_weights, strict=True)
+        ]
     arrays, _ = strategy.aggregate_train(server_round, inputs)
     if arrays is None:
         raise RoundFailed(f"round {server_round}: the strategy returned no model")
@@ -560,7 +647,7 @@ def payload_bytes(content: RecordDict) -> int:
 
 
 def _for_strategy(
-    reply: Message, keys: list[str] | None = None, weight: int | None = None
+    reply: Message, keys: list[str] | None = None, weight: float | None = None
 ) -> Message:
     """The reply as Flower's strategies expect it: one ArrayRecord (a copy: median
     and trimmed mean pop arrays out of it; only `keys` if given), one MetricRecord

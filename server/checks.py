@@ -9,7 +9,7 @@ here is left out of aggregation and logged with the site and the reason.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import ArrayRecord, Message
@@ -23,6 +23,7 @@ MAX_EXAMPLES = 10**8  # far above any hospital's share of a task, far below 1e12
 class Rejected:
     site: int | str
     reason: str
+    kind: str = "screen"  # "problem": the site said so or failed; "screen": rejected
 
 
 def site_of(reply: Message, known: dict[int, int] | None = None) -> int | str:
@@ -116,39 +117,163 @@ def update_norm(reply: Message, sent: ArrayRecord) -> float:
     return math.sqrt(total)
 
 
+@dataclass
+class ScreenMemory:
+    """What the screen keeps across rounds: references that no single site sets.
+
+    `norms` are the update norms accepted in earlier rounds, apart for a task's first
+    round (new head rows make those larger) and the rest; `claims` the example counts
+    accepted earlier; `first_claim` each site's count at its first accepted round of
+    a task, which bounds its weight for the rest of the task.
+    """
+
+    norms: dict[bool, list[float]] = field(
+        default_factory=lambda: {True: [], False: []}
+    )
+    claims: list[float] = field(default_factory=list)
+    first_claim: dict[tuple[int, int | str], float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ScreenPolicy:
+    """The screen's tolerances (federation.* knobs; 0 switches a test off)."""
+
+    max_norm_ratio: float = 10.0  # x the median of the other or earlier norms
+    max_update_ratio: float = 1.0  # x the global model's own norm
+    max_count_ratio: float = 10.0  # x the other or earlier example counts
+
+
+def model_norm(sent: ArrayRecord) -> float:
+    """L2 norm of the global model's float arrays."""
+    total = 0.0
+    for key in sent.keys():
+        values = sent[key].numpy()
+        if values.dtype.kind == "f":
+            total += float(np.square(values.astype(np.float64)).sum())
+    return math.sqrt(total)
+
+
 def screen_replies(
     replies: list[Message],
     sent: ArrayRecord,
     *,
     announced_classes: int,
-    max_norm_ratio: float,
+    max_norm_ratio: float = 10.0,
     known_sites: dict[int, int] | None = None,
+    memory: ScreenMemory | None = None,
+    policy: ScreenPolicy | None = None,
+    task: int = 0,
+    first_round: bool = True,
 ) -> tuple[list[Message], list[Rejected]]:
     """Split replies into sound ones and rejections (site, reason); `known_sites`
-    (node id -> site) names the site of an error reply."""
+    (node id -> site) names the site of an error reply.
+
+    Beyond each reply's own checks, an update's size and a claimed example count are
+    judged against references one site cannot move: the global model's own norm, the
+    norms and counts accepted in earlier rounds (`memory`), and the other replies when
+    there are three or more (norms; counts when there are two or more). The reason
+    names the reference that rejected it. `memory` learns the accepted values.
+    """
+    policy = policy or ScreenPolicy(max_norm_ratio=max_norm_ratio)
     good: list[Message] = []
     rejected: list[Rejected] = []
     for reply in replies:
         reason = check_reply(reply, sent, announced_classes=announced_classes)
         if reason:
-            rejected.append(Rejected(site_of(reply, known_sites), reason))
+            kind = (
+                "problem"
+                if reply.has_error() or P.PROBLEM in (reply.content.config_records)
+                else "screen"
+            )
+            rejected.append(Rejected(site_of(reply, known_sites), reason, kind))
         else:
             good.append(reply)
-    if len(good) >= 3 and max_norm_ratio > 0:
-        # an update far larger than the round's median is a scaled or broken one
-        norms = [update_norm(r, sent) for r in good]
-        median = float(np.median(norms))
-        kept = []
-        for reply, norm in zip(good, norms, strict=True):
-            if median > 0 and norm > max_norm_ratio * median:
-                rejected.append(
-                    Rejected(
-                        site_of(reply),
-                        f"update norm {norm:.3g} is over {max_norm_ratio}x the round's "
-                        f"median {median:.3g}",
-                    )
+    if not good:
+        return good, rejected
+    norms = [update_norm(r, sent) for r in good]
+    claims = [float(r.content[P.METRICS][P.NUM_EXAMPLES]) for r in good]
+    earlier_norms = memory.norms[first_round] if memory else []
+    earlier_claims = memory.claims if memory else []
+    weights = model_norm(sent)
+    round_median = float(np.median(norms)) if len(good) >= 3 else 0.0
+    kept, kept_norms, kept_claims = [], [], []
+    for i, reply in enumerate(good):
+        norm, claim = norms[i], claims[i]
+        others = claims[:i] + claims[i + 1 :]
+        reason = None
+        r = policy.max_norm_ratio
+        if r > 0 and round_median > 0 and norm > r * round_median:
+            reason = f"update norm {norm:.3g} is over {r}x the round's median {round_median:.3g}"
+        elif r > 0 and earlier_norms and norm > r * float(np.median(earlier_norms)):
+            ref = float(np.median(earlier_norms))
+            reason = (
+                f"update norm {norm:.3g} is over {r}x the median {ref:.3g} of the "
+                f"{len(earlier_norms)} norms accepted in earlier rounds"
+            )
+        elif (
+            policy.max_update_ratio > 0
+            and weights > 0
+            and (norm > policy.max_update_ratio * weights)
+        ):
+            reason = (
+                f"update norm {norm:.3g} is over {policy.max_update_ratio}x the global "
+                f"model's own norm {weights:.3g}"
+            )
+        c = policy.max_count_ratio
+        if reason is None and c > 0:
+            if others and claim > c * float(np.median(others)):
+                reason = (
+                    f"example count {claim:.0f} is over {c}x the other sites' median "
+                    f"{float(np.median(others)):.0f}"
                 )
-            else:
-                kept.append(reply)
-        good = kept
-    return good, rejected
+            elif (
+                not others
+                and earlier_claims
+                and (claim > c * float(np.median(earlier_claims)))
+            ):
+                reason = (
+                    f"example count {claim:.0f} is over {c}x the median "
+                    f"{float(np.median(earlier_claims)):.0f} of the counts accepted in "
+                    "earlier rounds"
+                )
+        if reason:
+            rejected.append(Rejected(site_of(reply), reason, "screen"))
+        else:
+            kept.append(reply)
+            kept_norms.append(norm)
+            kept_claims.append(claim)
+    if memory is not None:
+        memory.norms[first_round] += kept_norms
+        memory.claims += kept_claims
+    return kept, rejected
+
+
+def bounded_weights(
+    replies: list[Message],
+    *,
+    task: int,
+    memory: ScreenMemory | None = None,
+    max_share: float = 1.0,
+) -> list[float]:
+    """Each sound reply's FedAvg weight: its claimed example count, never above the
+    count it claimed at its first accepted round of the task (a site may not raise
+    its claim later), and with `max_share` < 1 no site above that share of the round
+    when two or more reply."""
+    weights = []
+    for reply in replies:
+        claim = float(reply.content[P.METRICS][P.NUM_EXAMPLES])
+        if memory is not None:
+            key = (task, site_of(reply))
+            first = memory.first_claim.setdefault(key, claim)
+            claim = min(claim, first)
+        weights.append(claim)
+    if max_share < 1 and len(weights) >= 2:
+        for _ in range(len(weights)):  # clipping one can push another over: repeat
+            total = sum(weights)
+            over = [i for i, w in enumerate(weights) if w > max_share * total + 1e-9]
+            if not over:
+                break
+            for i in over:
+                rest = total - weights[i]
+                weights[i] = max_share / (1 - max_share) * rest
+    return weights

@@ -37,8 +37,10 @@ from fl_ci.plan import grow_for_task
 from fl_ci.recorder import Recorder
 from fl_ci.synthesis import ClassMeans
 from server.app import RoundFailed, aggregate
-from server.checks import check_reply, screen_replies
+from server.checks import ScreenPolicy, check_reply, screen_replies
 from server.strategies import build_strategy, is_dp, with_dp
+
+NO_SCREEN = ScreenPolicy(0.0, 0.0, 0.0)  # the strategies alone, without the screen
 
 TINY = {
     "dataset": "echo-synth",
@@ -131,7 +133,7 @@ def test_fedavg_is_harmed_by_one_bad_site(five_sites, attack):
     replies = [_reply(_moved(base, d), i) for i, d in enumerate(honest[:4])]
     scale = 1e3 if attack == "scaled" else -1.0
     replies.append(_reply(_moved(base, honest[4], scale), 4))
-    good, _ = screen_replies(replies, sent, announced_classes=2, max_norm_ratio=0.0)
+    good, _ = screen_replies(replies, sent, announced_classes=2, policy=NO_SCREEN)
     state = aggregate(build_strategy(Config(sites=5)), 1, good, sent)
     honest_step = _distance(honest_mean, base)
     assert _distance(state, honest_mean) > 0.3 * honest_step
@@ -148,7 +150,7 @@ def test_robust_strategy_stays_close_to_the_honest_aggregate(
     scale = 1e3 if attack == "scaled" else -1.0
     replies.append(_reply(_moved(base, honest[4], scale), 4))
     # the norm screen is off: the strategy alone must hold
-    good, _ = screen_replies(replies, sent, announced_classes=2, max_norm_ratio=0.0)
+    good, _ = screen_replies(replies, sent, announced_classes=2, policy=NO_SCREEN)
     assert len(good) == 5
     cfg = Config.from_dict({"sites": 5, "federation": {"strategy": strategy}})
     state = aggregate(build_strategy(cfg), 1, good, sent)
