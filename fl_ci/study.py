@@ -147,15 +147,35 @@ class Study:
                 )
 
     def finish_round(self, step: Step, result: RoundResult) -> None:
-        """Take the round's new global model, validate it, test it after the task's
-        last round, record and checkpoint."""
-        self.model.load_state_dict(result.state)
+        """Check the round's aggregate (finite outputs, no collapse of validation
+        accuracy) before it becomes the global model, redoing it without the most
+        suspect reply if it fails; then validate, test after the task's last round,
+        record and checkpoint. A teacher is only ever taken from a checked round."""
+        previous = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        splits = ["val", "test"] if step.last else ["val"]
+        while True:
+            self.model.load_state_dict(result.state)
+            problem = self.probe_problem()
+            if problem is None:
+                evals = self.evaluate(step.task, splits)
+                problem = self.collapse_problem(step, evals["val"])
+            if problem is None:
+                break
+            self.say(f"round {step.server_round}: the aggregate {problem}")
+            self.model.load_state_dict(previous)
+            result = result.redo() if result.redo is not None else None
+            if result is None:
+                raise AggregateRejected(
+                    f"round {step.server_round}: the aggregate {problem}, and no "
+                    "aggregate of fewer replies passes the check; the study stopped "
+                    f"with the model of round {step.server_round - 1}, checkpointed in "
+                    f"{self.out}: find the site at fault in the log, then run again "
+                    "with the same output folder to resume"
+                )
         if step.last and result.means is not None:
             self.means = (
                 result.means if self.means is None else self.means + result.means
             )
-        splits = ["val", "test"] if step.last else ["val"]
-        evals = self.evaluate(step.task, splits)
         val = evals["val"]
         self.recorder.add_row(
             task=step.task,
@@ -191,8 +211,8 @@ class Study:
                 )
                 self.say(
                     f"task {step.task}: {self.plan.seen(step.task)} classes seen (new: "
-                    f"{new}), test accuracy {test['accuracy']:.2f}% (old "
-                    f"{test['old_accuracy']:.2f}%, new {test['new_accuracy']:.2f}%)"
+                    f"{new}), test accuracy {_pct(test['accuracy'])} (old "
+                    f"{_pct(test['old_accuracy'])}, new {_pct(test['new_accuracy'])})"
                 )
             self.recorder.write(self.out)  # outputs so far, after every task
         self.done = step.server_round
@@ -330,6 +350,10 @@ def study_normalization(
     if norm is None and central is not None:
         norm = (central.splits.train.mean, central.splits.train.std)
     return norm
+
+
+def _pct(value: float) -> str:
+    return "-" if value != value else f"{value:.2f}%"  # NaN: no image of that kind
 
 
 def _pair(counts: Counts) -> tuple[torch.Tensor, torch.Tensor]:

@@ -163,3 +163,43 @@ def test_a_manifest_view_outside_the_study_is_skipped_and_named(tmp_path):
         OwnData.load(own_config(), str(tmp_path), number=0)
     site = OwnData.load(own_config(skip_bad=True), str(tmp_path), number=0)
     assert len(site.skipped) == 1 and "A5C" in site.skipped[0]
+
+
+def _poisoned(state):
+    """A state with finite weights whose outputs overflow: the first convolution's
+    weights at 1e38 (as a wildly scaled update that the screen let through)."""
+    bad = dict(state)
+    key = next(k for k in bad if bad[k].dim() == 4)
+    bad[key] = torch.full_like(bad[key], 1e38)
+    return bad
+
+
+def test_an_aggregate_with_non_finite_outputs_is_redone_without_the_suspect(tmp_path):
+    from fl_ci.study import RoundResult
+
+    exp = Experiment.from_config(Config.from_dict(SINGLE_SITE))
+    study = Study(exp.cfg, tmp_path, central=exp, progress=False)
+    step = next(study.rounds())
+    good = {k: v.clone() for k, v in step.model.state_dict().items()}
+    redone = []
+
+    def redo():
+        redone.append(True)
+        return RoundResult(good)
+
+    study.finish_round(step, RoundResult(_poisoned(good), redo=redo))
+    assert redone and all(
+        torch.equal(v, good[k]) for k, v in study.model.state_dict().items()
+    )
+
+
+def test_a_study_stops_with_the_last_good_model_when_no_aggregate_passes(tmp_path):
+    from fl_ci.study import AggregateRejected, RoundResult
+
+    exp = Experiment.from_config(Config.from_dict(SINGLE_SITE))
+    study = Study(exp.cfg, tmp_path, central=exp, progress=False)
+    step = next(study.rounds())
+    before = {k: v.clone() for k, v in step.model.state_dict().items()}
+    with pytest.raises(AggregateRejected, match="non-finite outputs on a probe batch"):
+        study.finish_round(step, RoundResult(_poisoned(before)))
+    assert all(torch.equal(v, before[k]) for k, v in study.model.state_dict().items())
