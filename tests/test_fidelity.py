@@ -101,15 +101,23 @@ def _upstream_contrastive(batches, k, rho, tau):
         for cent, vecs, labels in ((s_c, sv, sy), (t_c, tv, ty)):
             for i in range(k):
                 rows = [v for v, y in zip(vecs, labels, strict=True) if y == i]
-                mean = [sum(c) / len(rows) for c in zip(*rows)] if rows else [0.0] * k
-                cent[i] = [(1 - rho) * a + rho * m for a, m in zip(cent[i], mean)]
+                cols = zip(*rows, strict=True)
+                mean = [sum(c) / len(rows) for c in cols] if rows else [0.0] * k
+                old = cent[i]
+                cent[i] = [
+                    (1 - rho) * a + rho * m for a, m in zip(old, mean, strict=True)
+                ]
 
     def unit(v):
         n = math.sqrt(sum(a * a for a in v))
         return [a / (n + 1e-10) for a in v]
 
     tn, sn = [unit(v) for v in t_c], [unit(v) for v in s_c]
-    res = [[math.exp(sum(a * b for a, b in zip(t, s)) / tau) for s in sn] for t in tn]
+
+    def dot(u, v):
+        return sum(a * b for a, b in zip(u, v, strict=True))
+
+    res = [[math.exp(dot(t, s) / tau) for s in sn] for t in tn]
     diag = sum(res[i][i] for i in range(k))
     return -math.log(diag) + math.log(sum(map(sum, res)))
 
@@ -255,11 +263,14 @@ def test_blur_sigma_sqrt2_is_abds_gaussian_smoothing():
     for c in range(2):
         for r in range(6):
             for q in range(7):
-                expected[0, c, r, q] = sum(
-                    k1[a] * k1[b] * pad[0, c, r + a, q + b]
-                    for a in range(5)
-                    for b in range(5)
-                ) / norm
+                expected[0, c, r, q] = (
+                    sum(
+                        k1[a] * k1[b] * pad[0, c, r + a, q + b]
+                        for a in range(5)
+                        for b in range(5)
+                    )
+                    / norm
+                )
     ours = gaussian_blur(x, sigma=math.sqrt(2))
     assert torch.allclose(ours, expected, atol=1e-5)
     assert not torch.allclose(gaussian_blur(x), expected, atol=1e-3)  # σ = 1 differs
