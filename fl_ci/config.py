@@ -67,9 +67,15 @@ class SynthesisConfig:
     init: str = "mean"  # mean (class-mean image + noise) | random (the ablation)
     init_noise: float = 0.1
     warmup: int = 100  # linear learning-rate warm-up iterations, then cosine decay
+    # the cosine decay after the warm-up starts at lr_peak * lr (upstream Class
+    # Impression's `0.2 * (1 + cos)` is lr_peak = 0.4; NVlabs DeepInversion's 1.0)
+    lr_peak: float = 1.0
     bn_weight: float = 1.0  # a_bn
     first_bn_weight: float = 10.0  # r_1: weight of the first BatchNorm layer
     tv_weight: float = 1e-3  # a_tv
+    # per_image: mean over images of each image's TV | batch: upstream's Frobenius
+    # norms over the whole batch (about sqrt(batch) times larger)
+    tv_form: str = "per_image"
     l2_weight: float = 1e-2  # a_l2
     jitter: int = 0  # random roll in pixels (0: about image_size / 16)
     flip: bool = True
@@ -85,10 +91,17 @@ class ClassImpressionConfig:
     margin_weight: float = 1.0  # alpha_margin (0 disables the margin loss)
     margin: float = 0.7
     top_k: int = 1
+    # margin-loss anchors: synthetic = the impressions only (the method doc) |
+    # old_rows = every row with an old-class label, real ones included (upstream)
+    margin_anchors: str = "synthetic"
     contrastive_weight: float = 0.1  # alpha_contras (0 disables)
     contrastive_form: str = "pooled"  # pooled (upstream) | per_class (paper's InfoNCE)
     tau: float = 1.0
     rho: float = 0.9  # centroid update rate (weight of the new batch)
+    # seen: a class starts at its first batch mean, absent classes keep theirs, only
+    # classes seen in both domains enter eq. (6) | zero_init (upstream): centroids
+    # start at 0, absent classes decay by 1 - rho, every class row enters the loss
+    centroid_form: str = "seen"
     class_weights: bool = True  # CE class weights max_j n_j / n_c
     freeze_old: bool = True  # keep the old head rows fixed
     imprint: bool = True  # new-class rows from mean teacher features
@@ -137,6 +150,9 @@ class BaselinesConfig:
 
     kd_temperature: float = 2.0  # T of Hinton KD (lwf, lwm, deepinversion, icarl)
     kd_weight: float = 1.0  # weight of the KD term (lwf, lwm, deepinversion, icarl)
+    # Hinton's T^2 factor on KD (lwf, lwm, deepinversion, icarl); ABD's code leaves it
+    # out (false), so with it our KD gradient is T^2 times ABD's
+    kd_t2: bool = True
     lwm_weight: float = 1.0  # gamma of LwM's attention distillation
     synthetic_ratio: float = 0.5  # synthetic share of a batch (deepinversion, abd)
     memory: int = 2000  # exemplar budget at one site, all classes (icarl, lucir)
@@ -149,6 +165,12 @@ class BaselinesConfig:
     abd_lr: float = 1e-3  # Adam learning rate of the generator
     abd_z_dim: int = 1000
     abd_width: int = 128  # channels of the generator's convolutions
+    # eps of the generator's two conv-block BatchNorms (ABD's `BatchNorm2d(128, 0.8)`
+    # passes 0.8 as eps)
+    abd_bn_eps: float = 1e-5
+    # sigma of the smoothness prior's 5x5 Gaussian blur (ABD's kernel
+    # exp(-((x - m) / (2 sigma))^2) with sigma 1 is a Gaussian of sigma sqrt(2))
+    abd_blur_sigma: float = 1.0
     abd_bn_weight: float = 50.0  # BN-statistics (Gaussian KL) weight
     abd_smooth_weight: float = 1e-3  # image prior: MSE to a Gaussian-blurred copy
     abd_content_temperature: float = 1000.0  # CE on the teacher's argmax, over T
@@ -274,7 +296,10 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "lr_schedule": ("cosine", "constant"),
     "partition.scheme": ("iid", "dirichlet", "device", "schedule"),
     "synthesis.init": ("mean", "random"),
+    "synthesis.tv_form": ("per_image", "batch"),
     "ci.contrastive_form": ("pooled", "per_class"),
+    "ci.margin_anchors": ("synthetic", "old_rows"),
+    "ci.centroid_form": ("seen", "zero_init"),
     "ci.target": ("task_data", "unlabelled", "test"),
     "federation.strategy": ("fedavg", "median", "trimmed_mean", "krum"),
 }
@@ -285,6 +310,7 @@ _POSITIVE = {
     "baselines.lucir_k", "baselines.abd_iterations", "baselines.abd_batch_size",
     "baselines.abd_lr", "baselines.abd_z_dim", "baselines.abd_width",
     "baselines.abd_content_temperature",
+    "synthesis.lr_peak", "baselines.abd_bn_eps", "baselines.abd_blur_sigma",
 }  # fmt: skip
 _NON_NEGATIVE = {
     "local_epochs", "init_classes", "lr", "weight_decay", "momentum",

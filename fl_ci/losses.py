@@ -56,20 +56,34 @@ def margin_loss(
     return (margin - true + hard).clamp_min(0).mean()
 
 
+CENTROID_FORMS = ("seen", "zero_init")
+
+
 class CentroidTracker:
     """Running per-class centroids for eq. (6): c ← (1−ρ)·sg(c) + ρ·batch_mean.
 
-    ρ weighs the NEW batch (upstream ρ ∈ {0.9, 0.99, 0.999}). A class seen for the
-    first time since `reset()` starts at its batch mean; a class absent from a batch
-    keeps its old (detached) centroid. `update` returns centroids whose rows for the
-    classes in the batch carry the gradient of this batch's mean.
+    ρ weighs the NEW batch (upstream ρ ∈ {0.9, 0.99, 0.999}). `update` returns
+    centroids whose rows for the classes in the batch carry the gradient of this
+    batch's mean.
+    form "seen" (ours): a class seen for the first time since `reset()` starts at its
+    batch mean; a class absent from a batch keeps its old (detached) centroid; only
+    classes seen in both domains enter the loss (`seen`).
+    form "zero_init" (upstream): every centroid starts at zero and every class is
+    updated by every batch, an absent class with batch mean 0 (so it decays by 1−ρ);
+    never-seen classes stay zero rows, and `seen` is all True so every row enters
+    the loss (a zero row normalises to zero: similarity 0, e^0 = 1 terms).
     """
 
-    def __init__(self, num_classes: int, rho: float) -> None:
+    def __init__(self, num_classes: int, rho: float, form: str = "seen") -> None:
         if not 0.0 < rho <= 1.0:
             raise ValueError(f"rho must lie in (0, 1], got {rho}")
+        if form not in CENTROID_FORMS:
+            raise ValueError(
+                f"centroid form must be 'seen' or 'zero_init', got {form!r}"
+            )
         self.num_classes = num_classes
         self.rho = rho
+        self.form = form
         self.centroids: Tensor | None = None  # [K, D] detached running centroids
         self.seen: Tensor | None = None  # [K] bool, class seen since the last reset
 
@@ -90,6 +104,11 @@ class CentroidTracker:
         present = counts > 0
         batch_mean = sums / counts.clamp_min(1)[:, None]  # [K, D]
         old = self.centroids.detach()
+        if self.form == "zero_init":
+            new = (1 - self.rho) * old + self.rho * batch_mean  # [K, D], absent: 0 mean
+            self.centroids = new.detach()
+            self.seen = torch.ones_like(self.seen)
+            return new
         blended = torch.where(
             self.seen[:, None], (1 - self.rho) * old + self.rho * batch_mean, batch_mean
         )
@@ -105,6 +124,7 @@ def contrastive_loss(
     present: Tensor,
     tau: float = 1.0,
     form: str = "pooled",
+    norm_eps: float | None = None,
 ) -> Tensor:
     """Eq. (6), intra-domain contrastive loss of target and source centroids [K, D].
 
@@ -112,6 +132,9 @@ def contrastive_loss(
     pooled (upstream): −log(Σ_k e^{⟨ĉT_k, ĉS_k⟩/τ} / Σ_{j,k} e^{⟨ĉT_j, ĉS_k⟩/τ}).
     per_class (paper's InfoNCE):
         mean_k −log(e^{⟨ĉT_k, ĉS_k⟩/τ} / Σ_j e^{⟨ĉT_k, ĉS_j⟩/τ}).
+    ĉ = c / max(‖c‖, 1e-12) (F.normalize), or with `norm_eps` upstream's
+    c / (‖c‖ + norm_eps) (upstream 1e-10), under which a decayed centroid shrinks
+    towards a zero row instead of keeping unit length.
     """
     if form not in ("pooled", "per_class"):
         raise ValueError(
@@ -120,12 +143,18 @@ def contrastive_loss(
     idx = present.nonzero().squeeze(1)
     if idx.numel() == 0:
         return (target_centroids.sum() + source_centroids.sum()) * 0.0
-    t = F.normalize(target_centroids[idx].float(), dim=1)  # [P, D] ĉ^T
-    s = F.normalize(source_centroids[idx].float(), dim=1)  # [P, D] ĉ^S
+    t = _unit_rows(target_centroids[idx].float(), norm_eps)  # [P, D] ĉ^T
+    s = _unit_rows(source_centroids[idx].float(), norm_eps)  # [P, D] ĉ^S
     sim = t @ s.T / tau  # [P, P] sim[j, k] = ⟨ĉT_j, ĉS_k⟩ / τ
     if form == "pooled":
         return sim.flatten().logsumexp(0) - sim.diagonal().logsumexp(0)
     return F.cross_entropy(sim, torch.arange(idx.numel(), device=sim.device))
+
+
+def _unit_rows(x: Tensor, eps: float | None) -> Tensor:
+    if eps is None:
+        return F.normalize(x, dim=1)
+    return x / (x.norm(dim=1, keepdim=True) + eps)
 
 
 def feature_distillation(features: Tensor, teacher_features: Tensor) -> Tensor:
@@ -143,12 +172,19 @@ def distill_weight(n_old: int, n_new: int, base: float = 5.0) -> float:
     return base * math.sqrt(n_old / n_new)
 
 
-def kd_loss(logits: Tensor, teacher_logits: Tensor, temperature: float = 2.0) -> Tensor:
+def kd_loss(
+    logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 2.0,
+    t_squared: bool = True,
+) -> Tensor:
     """Hinton KD as in LwF: T² · mean_b KL(softmax(z*/T) ‖ softmax(z/T)).
 
     Both [B, K_old]: slice the student's logits to the teacher's classes first. KL
     differs from LwF's soft cross-entropy only by the teacher's entropy, a constant, so
-    the gradients agree and a perfect match reads 0.
+    its gradient is that of the soft cross-entropy, and a perfect match reads 0.
+    `t_squared=False` drops Hinton's T² factor, as ABD's `loss_fn_kd` does (its
+    `* T**2` is commented out): with T² our gradient is T² times ABD's.
     """
     if logits.shape != teacher_logits.shape:
         raise ValueError(
@@ -158,4 +194,5 @@ def kd_loss(logits: Tensor, teacher_logits: Tensor, temperature: float = 2.0) ->
     t = temperature
     log_p = F.log_softmax(logits.float() / t, dim=1)
     log_q = F.log_softmax(teacher_logits.detach().float() / t, dim=1)
-    return F.kl_div(log_p, log_q, log_target=True, reduction="batchmean") * t * t
+    kl = F.kl_div(log_p, log_q, log_target=True, reduction="batchmean")
+    return kl * t * t if t_squared else kl

@@ -247,6 +247,58 @@ def test_warm_up_is_at_most_a_fifth_of_a_short_run():
     assert [lr_at(t, c) for t in (0, 9, 30)] == pytest.approx([0.1, 1, 0.5])
 
 
+def test_lr_peak_04_is_upstream_class_impression_schedule():
+    # upstream utils.lr_cosine_policy, transcribed: (e + 1) / w · lr during the warm-up,
+    # then 0.2 · (1 + cos(π (e − w) / (T − w))) · lr; w = 100 of T = 600 (no cap)
+    c = SynthesisConfig(lr=0.25, warmup=100, iterations=600, lr_peak=0.4)
+
+    def upstream(e: int, w: int = 100, t: int = 600, lr: float = 0.25) -> float:
+        if e < w:
+            return lr * (e + 1) / w
+        return 0.2 * (1 + math.cos(math.pi * (e - w) / (t - w))) * lr
+
+    steps = (0, 50, 99, 100, 101, 350, 599)
+    assert [lr_at(e, c) for e in steps] == pytest.approx([upstream(e) for e in steps])
+    assert lr_at(100, c) == pytest.approx(0.4 * 0.25)  # the drop after the warm-up
+
+
+def test_lr_peak_default_keeps_the_half_cosine():
+    c = SynthesisConfig(lr=1.0, warmup=4, iterations=20)
+    assert c.lr_peak == 1.0 and lr_at(4, c) == 1.0
+
+
+def test_batch_total_variation_is_upstream_frobenius_over_the_batch():
+    # upstream get_image_prior_losses: Σ_d ‖Δ_d X‖ with one norm over the batch.
+    # Image 0 [[0, 1], [2, 3]]: squared differences h 1, 1; v 4, 4; d 9; a 1.
+    # Image 1 [[0, 2], [0, 2]]: h 4, 4; v 0, 0; d 4 (0 − 2); a 4 (0 − 2).
+    # Batch: sqrt(2 + 8) + sqrt(8 + 0) + sqrt(9 + 4) + sqrt(1 + 4)
+    x = torch.tensor([[[[0.0, 1.0], [2.0, 3.0]]], [[[0.0, 2.0], [0.0, 2.0]]]])
+    expected = math.sqrt(10) + math.sqrt(8) + math.sqrt(13) + math.sqrt(5)
+    assert total_variation(x, "batch").item() == pytest.approx(expected)
+    # per image: ((√2 + 2√2 + 3 + 1) + (2√2 + 0 + 2 + 2)) / 2
+    per_image = (3 * math.sqrt(2) + 4 + 2 * math.sqrt(2) + 4) / 2
+    assert total_variation(x).item() == pytest.approx(per_image)
+
+
+def test_batch_total_variation_grows_as_sqrt_batch_for_copies():
+    x = torch.randn(1, 2, 5, 5).repeat(9, 1, 1, 1)
+    assert total_variation(x, "batch").item() == pytest.approx(
+        3 * total_variation(x).item(), rel=1e-5
+    )
+
+
+def test_total_variation_rejects_unknown_form():
+    with pytest.raises(ValueError, match="per_image"):
+        total_variation(torch.zeros(1, 1, 2, 2), "frobenius")
+
+
+def test_tv_form_batch_reaches_the_objective(teacher):
+    # the reported raw TV term at the first iterate follows the form
+    per_image = run(teacher, config=cfg(iterations=1)).report.initial["tv"]
+    batch = run(teacher, config=cfg(iterations=1, tv_form="batch")).report.initial["tv"]
+    assert batch > per_image * 1.5
+
+
 # ----- synthesis --------------------------------------------------------------------
 
 

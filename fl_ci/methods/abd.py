@@ -20,8 +20,13 @@ labelled by the teacher's argmax (`baselines.synthetic_ratio`), with
   the student's and the teacher's features, mean_b Σ_k (h*(φ)_k − h*(φ*)_k)² / n_old
   over all rows (ABD's "previous_linear" MSE).
 Simplifications: the generator is retrained from scratch each task (ABD warm-starts it
-from the previous task's); BN matching covers BatchNorm2d layers only; the blur is a
-standard 5×5 Gaussian with σ = 1; fp32 generator training; no hyper-parameter search.
+from the previous task's); BN matching covers BatchNorm2d layers only; fp32 generator
+training; no hyper-parameter search.
+Differences from ABD's code kept as switches (docs/results.md, "Fidelity to
+upstream"): ABD's `BatchNorm2d(128, 0.8)` and `BatchNorm2d(64, 0.8)` in the two conv
+blocks set eps = 0.8 (`baselines.abd_bn_eps`, ours 1e-5); its 5×5 smoothing kernel
+exp(−((x − m)/(2σ))²) at σ = 1 is a Gaussian of σ = √2 (`baselines.abd_blur_sigma`,
+ours 1).
 """
 
 from __future__ import annotations
@@ -42,7 +47,9 @@ from fl_ci.synthesis import BNStatsRecorder
 class Generator(nn.Module):
     """ABD's CIFAR generator: z [B, z_dim] -> images [B, C, size, size]."""
 
-    def __init__(self, z_dim: int, channels: int, size: int, width: int) -> None:
+    def __init__(
+        self, z_dim: int, channels: int, size: int, width: int, bn_eps: float = 1e-5
+    ) -> None:
         super().__init__()
         self.z_dim, self.size = z_dim, size
         self.init_size = max(1, size // 4)
@@ -51,13 +58,13 @@ class Generator(nn.Module):
         self.bn0 = nn.BatchNorm2d(width)
         self.block1 = nn.Sequential(
             nn.Conv2d(width, width, 3, padding=1),
-            nn.BatchNorm2d(width),
+            nn.BatchNorm2d(width, eps=bn_eps),
             nn.LeakyReLU(0.2),
         )
         half = max(1, width // 2)
         self.block2 = nn.Sequential(
             nn.Conv2d(width, half, 3, padding=1),
-            nn.BatchNorm2d(half),
+            nn.BatchNorm2d(half, eps=bn_eps),
             nn.LeakyReLU(0.2),
             nn.Conv2d(half, channels, 3, padding=1),
             nn.Tanh(),
@@ -73,7 +80,9 @@ class Generator(nn.Module):
 
 
 def build_generator(bcfg: BaselinesConfig, channels: int, size: int) -> Generator:
-    return Generator(bcfg.abd_z_dim, channels, size, bcfg.abd_width)
+    return Generator(
+        bcfg.abd_z_dim, channels, size, bcfg.abd_width, bn_eps=bcfg.abd_bn_eps
+    )
 
 
 def gaussian_blur(x: Tensor, kernel: int = 5, sigma: float = 1.0) -> Tensor:
@@ -120,7 +129,7 @@ def generator_loss(
         else logits.new_zeros(())
     )
     bn = bn_gaussian_kl(recorder)
-    smooth = F.mse_loss(images, gaussian_blur(images))
+    smooth = F.mse_loss(images, gaussian_blur(images, sigma=bcfg.abd_blur_sigma))
     total = (
         bcfg.abd_content_weight * content
         + balance

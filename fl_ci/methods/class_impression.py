@@ -9,6 +9,11 @@ new-class rows, old rows frozen, α_dist = 5 sqrt(n_old / n_new) unless set, CE 
 weights max_j n_j / n_c, centroids of unscaled cosine scores.
 Ablations are switches: `ci.margin_weight = 0`, `ci.contrastive_weight = 0`,
 `ci.distill_weight = 0`, `synthesis.init = "random"`, `head = "linear"`.
+Upstream's own forms, where ours differ, are switches too (docs/results.md, "Fidelity
+to upstream"): `ci.margin_anchors = "old_rows"` (margin anchors = every old-label row,
+not only the impressions), `ci.centroid_form = "zero_init"` (zero-started centroids
+that decay when a class is absent, every class row in eq. 6); upstream's contrastive
+weight is 1 (`ci.contrastive_weight`, ours 0.1).
 The contrastive target (`ci.target`) defaults to the site's own task images, labels
 unused; `unlabelled` takes the site's unlabelled exams of every view it performs
 (`data.unlabelled_fraction`), `test` the paper's transductive use of test images.
@@ -29,6 +34,20 @@ from fl_ci.models import IncrementalNet, NetOutput
 from fl_ci.synthesis import ClassMeans, synthesize
 
 log = logging.getLogger("fl_ci")
+
+
+def margin_anchors(batch: Batch, num_old: int, mode: str) -> torch.Tensor:
+    """[B] bool rows the margin loss (eq. 5) takes as anchors: the synthetic rows
+    (`synthetic`, the method doc), or every row with an old-class label (`old_rows`,
+    upstream's `targets.lt(num_old_classes)`), which differs when a site also holds
+    real images of an old class."""
+    if mode == "synthetic":
+        return batch.extra
+    if mode == "old_rows":
+        return batch.y < num_old
+    raise ValueError(
+        f"ci.margin_anchors must be 'synthetic' or 'old_rows', got {mode!r}"
+    )
 
 
 class ClassImpression(SyntheticReplay):
@@ -137,8 +156,9 @@ class ClassImpression(SyntheticReplay):
 
     def begin_epoch(self, ctx: SiteContext) -> None:
         # upstream resets the running centroids every epoch
-        self.source = losses.CentroidTracker(ctx.num_classes, self.cfg.ci.rho)
-        self.target = losses.CentroidTracker(ctx.num_classes, self.cfg.ci.rho)
+        ci = self.cfg.ci
+        self.source = losses.CentroidTracker(ctx.num_classes, ci.rho, ci.centroid_form)
+        self.target = losses.CentroidTracker(ctx.num_classes, ci.rho, ci.centroid_form)
         self.unlabelled_iter = None
 
     def loss(
@@ -166,7 +186,7 @@ class ClassImpression(SyntheticReplay):
             total = total + alpha * dist
             terms["distill"] = dist.detach()
         if ci.margin_weight > 0:
-            anchors = batch.extra
+            anchors = margin_anchors(batch, ctx.num_old, ci.margin_anchors)
             margin = losses.margin_loss(
                 out.scores[anchors].float(),
                 batch.y[anchors],
@@ -195,8 +215,11 @@ class ClassImpression(SyntheticReplay):
         pseudo = t_scores.detach().argmax(1)
         target = self.target.update(t_scores, pseudo)
         present = self.source.seen & self.target.seen
+        ci = self.cfg.ci
+        # upstream normalises c / (‖c‖ + 1e-10), so a decayed centroid fades to zero
+        eps = 1e-10 if ci.centroid_form == "zero_init" else None
         return losses.contrastive_loss(
-            target, source, present, self.cfg.ci.tau, self.cfg.ci.contrastive_form
+            target, source, present, ci.tau, ci.contrastive_form, norm_eps=eps
         )
 
     def _next_unlabelled(self, ctx: SiteContext) -> torch.Tensor:

@@ -27,16 +27,21 @@ from fl_ci.models import IncrementalNet, NetOutput
 from fl_ci.synthesis import synthesize
 
 
-def padded_kd(logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+def padded_kd(
+    logits: Tensor, teacher_logits: Tensor, temperature: float, t_squared: bool = True
+) -> Tensor:
     """T² · mean_b KL(q ‖ p): p = softmax(z/T) over all K classes (z [B, K]) and
     q = softmax(z*/T) over the K_old teacher classes (z* [B, K_old]), zero on the new
     ones. ABD writes it as soft cross-entropy; KL differs by q's entropy, a constant,
-    so the gradients agree and a perfect match reads 0."""
+    so the two have the same gradient up to the T² factor, and a perfect match reads
+    0. ABD's `loss_fn_kd` leaves T² out (`t_squared=False`, `baselines.kd_t2`): with
+    it our gradient is T² times ABD's."""
     t = temperature
     k_old = teacher_logits.shape[1]
     log_p = F.log_softmax(logits.float() / t, dim=1)[:, :k_old]  # [B, K_old]
     log_q = F.log_softmax(teacher_logits.detach().float() / t, dim=1)  # [B, K_old]
-    return (log_q.exp() * (log_q - log_p)).sum(dim=1).mean() * t * t
+    kl = (log_q.exp() * (log_q - log_p)).sum(dim=1).mean()
+    return kl * t * t if t_squared else kl
 
 
 class DeepInversion(SyntheticReplay):
@@ -85,6 +90,11 @@ class DeepInversion(SyntheticReplay):
         if teacher_out is None or self.images is None or bcfg.kd_weight == 0:
             return ce, terms
         syn = batch.extra
-        kd = padded_kd(out.logits[syn], teacher_out.logits[syn], bcfg.kd_temperature)
+        kd = padded_kd(
+            out.logits[syn],
+            teacher_out.logits[syn],
+            bcfg.kd_temperature,
+            t_squared=bcfg.kd_t2,
+        )
         terms["kd"] = kd.detach()
         return ce + bcfg.kd_weight * kd, terms

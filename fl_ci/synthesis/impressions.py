@@ -10,9 +10,17 @@ starting from X_b = M_{y_b} + init_noise · N(0, I) (class-mean init) or N(0, I)
 
 Normalisation choice: TV and the L2 prior are computed PER IMAGE and averaged over the
 batch, so a weight means the same at any batch size (upstream takes TV's Frobenius norms
-over the whole batch, which grows as sqrt(B): our TV ≈ upstream TV / sqrt(B)). Both
-still grow as sqrt(C·H·W) with resolution, as upstream; calibrate a_tv and a_l2 per
-dataset so each term is a fraction of CE (`SynthesisReport` gives the raw terms).
+over the whole batch, which grows as sqrt(B): our TV ≈ upstream TV / sqrt(B), so
+upstream's a_tv is about 6x weaker here at its batch of 40). `synthesis.tv_form =
+"batch"` is upstream's form. Both still grow as sqrt(C·H·W) with resolution, as
+upstream; calibrate a_tv and a_l2 per dataset so each term is a fraction of CE
+(`SynthesisReport` gives the raw terms).
+
+Learning rate: linear warm-up to `lr`, then cosine decay from `lr_peak · lr` to 0.
+Upstream Class Impression writes the decay as lr · 0.2 · (1 + cos) (lr_peak = 0.4, a
+drop right after the warm-up); NVlabs DeepInversion, and our default, lr · 0.5 · (1 +
+cos) (lr_peak = 1), so the same `synthesis.lr` runs 2.5x hotter here than upstream's.
+(docs/results.md, "Fidelity to upstream", measures both.)
 """
 
 from __future__ import annotations
@@ -65,15 +73,23 @@ class Impressions(NamedTuple):
     report: SynthesisReport
 
 
-def total_variation(x: Tensor) -> Tensor:
-    """TV prior: mean_b Σ_d ‖Δ_d x_b‖_F over the horizontal, vertical and both diagonal
-    pixel differences Δ_d of each image x_b [C, H, W] (plain, unsquared norms)."""
+def total_variation(x: Tensor, form: str = "per_image") -> Tensor:
+    """TV prior over the horizontal, vertical and both diagonal pixel differences Δ_d
+    (plain, unsquared norms) of a batch x [B, C, H, W].
+
+    per_image: mean_b Σ_d ‖Δ_d x_b‖_F, each image x_b [C, H, W] on its own.
+    batch (upstream): Σ_d ‖Δ_d x‖_F, one Frobenius norm over the whole batch.
+    """
+    if form not in ("per_image", "batch"):
+        raise ValueError(f"tv_form must be 'per_image' or 'batch', got {form!r}")
     diffs = (
         x[..., :, :-1] - x[..., :, 1:],  # [B, C, H, W-1] horizontal
         x[..., :-1, :] - x[..., 1:, :],  # [B, C, H-1, W] vertical
         x[..., :-1, :-1] - x[..., 1:, 1:],  # [B, C, H-1, W-1] diagonal
         x[..., 1:, :-1] - x[..., :-1, 1:],  # [B, C, H-1, W-1] anti-diagonal
     )
+    if form == "batch":
+        return sum(torch.linalg.vector_norm(d) for d in diffs)
     norms = torch.stack([torch.linalg.vector_norm(d.flatten(1), dim=1) for d in diffs])
     return norms.sum(0).mean()  # [4, B] -> scalar
 
@@ -84,7 +100,8 @@ def image_l2(x: Tensor) -> Tensor:
 
 
 def lr_at(step: int, cfg: SynthesisConfig) -> float:
-    """Learning rate of `step` (from 0): linear warm-up to cfg.lr, then cosine to 0.
+    """Learning rate of `step` (from 0): linear warm-up to cfg.lr, then cosine from
+    cfg.lr_peak · cfg.lr to 0 (upstream Class Impression: lr_peak = 0.4).
 
     The warm-up is at most a fifth of the iterations (upstream: 100 of 2000-5000), so a
     short CPU-sized run still reaches its learning rate and decays."""
@@ -92,7 +109,8 @@ def lr_at(step: int, cfg: SynthesisConfig) -> float:
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
     span = max(cfg.iterations - warmup, 1)
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / span))
+    cosine = 0.5 * (1 + math.cos(math.pi * (step - warmup) / span))
+    return cfg.lr * cfg.lr_peak * cosine
 
 
 def synthesize(
@@ -195,7 +213,7 @@ class _Runner:
             logits = self.teacher(x)  # [B, K]
         ce = F.cross_entropy(logits.float(), y)
         bn = self.recorder.loss(cfg.first_bn_weight)
-        tv, l2 = total_variation(x), image_l2(x)
+        tv, l2 = total_variation(x, cfg.tv_form), image_l2(x)
         total = ce + cfg.bn_weight * bn + cfg.tv_weight * tv + cfg.l2_weight * l2
         return torch.stack([total, ce, bn, tv, l2])
 
