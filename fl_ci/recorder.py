@@ -145,8 +145,21 @@ class Recorder:
                 out / "accuracy.png",
                 title=f"{self.cfg.dataset}: accuracy against classes seen",
             )
-            plot_matrix(self.matrix, out / "accuracy_matrix.png")
+            plot_matrix(
+                self.matrix, out / "accuracy_matrix.png", task_labels=self.task_labels()
+            )
         return summary
+
+    def task_labels(self) -> list[str]:
+        """Each task by its class names ("A2C+A3C"), or "t3 (10 classes)" when long."""
+        labels = []
+        for t, classes in enumerate(self.tasks):
+            names = [self.class_names[c] for c in classes] if self.class_names else []
+            text = "+".join(names)
+            labels.append(
+                text if names and len(text) <= 16 else f"t{t} ({len(classes)})"
+            )
+        return labels
 
     def table(self) -> str:
         return format_table([self.summary()], SUMMARY_COLUMNS)

@@ -170,7 +170,8 @@ def plot_matrix(
     m = np.asarray(R, dtype=np.float64)
     t = m.shape[0]
     labels = [str(i) for i in range(t)] if task_labels is None else list(task_labels)
-    fig = Figure(figsize=(1.0 + 0.7 * t, 0.8 + 0.6 * t))
+    wide = max((len(label) for label in labels), default=1)  # class-name labels
+    fig = Figure(figsize=(2.0 + 0.8 * t + 0.06 * wide, 1.5 + 0.6 * t + 0.06 * wide))
     ax = fig.add_subplot()
     image = ax.imshow(np.ma.masked_invalid(m), vmin=0, vmax=100, cmap="viridis")
     for i in range(t):
@@ -178,7 +179,7 @@ def plot_matrix(
             if np.isfinite(m[i, j]):
                 color = "white" if m[i, j] < 50 else "black"
                 ax.text(j, i, f"{m[i, j]:.1f}", ha="center", va="center", color=color)
-    ax.set_xticks(range(m.shape[1]), labels[: m.shape[1]])
+    ax.set_xticks(range(m.shape[1]), labels[: m.shape[1]], rotation=30, ha="right")
     ax.set_yticks(range(t), labels[:t])
     ax.set_xlabel("evaluated on task")
     ax.set_ylabel("after training task")
