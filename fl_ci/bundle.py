@@ -481,10 +481,10 @@ def _recompute_normalisation(
     """(mean, std, image size, frames) of the run's training data, loaded again."""
     from fl_ci.config import Config, ConfigError
     from fl_ci.data.base import DataError
-    from fl_ci.data.registry import load_splits
+    from fl_ci.experiment import Experiment
 
     try:
-        train = load_splits(Config.from_flat(cfg_flat)).train
+        train = Experiment.from_config(Config.from_flat(cfg_flat)).splits.train
     except (ConfigError, DataError, OSError) as err:
         raise BundleError(
             f"{summary_path} records no normalisation and the run's data cannot be "
