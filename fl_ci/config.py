@@ -132,6 +132,7 @@ class FederationConfig:
     # accuracy falls more than this many points within a task (0: off; needs a
     # validation split of 20 images or more to tell a collapse from noise)
     max_val_drop: float = 50.0
+    check_aggregate: bool = True  # the probe-batch and validation checks above
     cpus_per_site: float = 1.0
     gpus_per_site: float = 0.0
     retries: int = 1  # times a round short of sound replies is sent again

@@ -618,6 +618,10 @@ def aggregate(
                 f"round {server_round}: the aggregate of '{key}' holds NaN or Inf; "
                 f"the global model was left as it was after round {server_round - 1}"
             )
+        if key.endswith("running_var"):
+            # DP noise can push BatchNorm's running variance below 0, which makes
+            # every output NaN; a variance is never negative, so project it back
+            value = np.maximum(value, 0)
         # integer buffers (BatchNorm's batch count) come back as floats from a median
         state[key] = torch.from_numpy(value.astype(dtype, copy=False))
     return state
