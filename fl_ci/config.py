@@ -110,6 +110,20 @@ class ClassImpressionConfig:
     # views it performs | test = the test images of every class seen (the paper's
     # transductive choice, reported as such)
     target: str = "task_data"
+    # Levers against forgetting (docs/results.md, "Keeping the old views"); the
+    # defaults are the paper's method.
+    # cross-entropy of the real rows: global = over every class (the paper) | local =
+    # over the task's new classes only, the impressions' over the old classes only
+    # (ABD, R-DFCIL: "real vs synthetic" is no longer a shortcut to the new label)
+    real_ce: str = "global"
+    # weight of a class-balanced cross-entropy over every class on the batch's
+    # detached features: it trains the head alone, so the old/new boundary is drawn
+    # on real new and synthetic old rows alike (ABD's "ft" term; R-DFCIL's
+    # classification alignment, done at every step)
+    head_align_weight: float = 0.0
+    # weight of the L1 distance between the student's and the teacher's old-class
+    # logits on the impressions (R-DFCIL's hard KD)
+    logit_distill_weight: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -302,6 +316,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "ci.margin_anchors": ("synthetic", "old_rows"),
     "ci.centroid_form": ("seen", "zero_init"),
     "ci.target": ("task_data", "unlabelled", "test"),
+    "ci.real_ce": ("global", "local"),
     "federation.strategy": ("fedavg", "median", "trimmed_mean", "krum"),
 }
 _POSITIVE = {
@@ -318,7 +333,8 @@ _NON_NEGATIVE = {
     "data.max_per_class", "data.image_size", "synthesis.batch_size", "synthesis.lr",
     "synthesis.warmup", "synthesis.init_noise", "synthesis.jitter",
     "synthesis.min_mean_count", "synthesis.mean_noise_std", "ci.margin_weight",
-    "ci.contrastive_weight", "ci.top_k", "federation.min_sites",
+    "ci.contrastive_weight", "ci.top_k", "ci.head_align_weight",
+    "ci.logit_distill_weight", "federation.min_sites",
     "federation.retries", "federation.dp_clip_norm", "federation.dp_noise_multiplier",
     "federation.max_norm_ratio", "federation.max_update_ratio",
     "federation.max_count_ratio", "federation.max_val_drop",

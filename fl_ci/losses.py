@@ -27,6 +27,43 @@ def cosine_cross_entropy(
     return F.cross_entropy(logits.float(), labels, weight=weight)
 
 
+def local_cross_entropy(
+    logits: Tensor,
+    labels: Tensor,
+    num_old: int,
+    class_weights: Tensor | None = None,
+) -> Tensor:
+    """Cross-entropy of each row within its own side of the old/new split (ABD,
+    Smith et al. ICCV 2021; R-DFCIL, Gao et al. ECCV 2022): rows of a new class over
+    the new classes' logits, rows of an old class over the old classes' logits. The
+    mean over all rows (weighted by `class_weights` [K] as in eq. 4), so neither side
+    learns that the other's rows are what tells it apart. One new class alone gives
+    its rows a zero loss: the old/new boundary is left to the head (`head_align`).
+    """
+    logits = logits.float()
+    old = labels < num_old  # [B]
+    weight = (
+        torch.ones(logits.shape[1], device=logits.device)
+        if class_weights is None
+        else class_weights.float()
+    )
+    total = logits.new_zeros(())
+    for rows, lo, hi in ((old, 0, num_old), (~old, num_old, logits.shape[1])):
+        if rows.any() and hi > lo:
+            part = F.cross_entropy(
+                logits[rows, lo:hi], labels[rows] - lo, reduction="none"
+            )  # [b] per-row loss within its side
+            total = total + (weight[labels[rows]] * part).sum()
+    return total / weight[labels].sum().clamp_min(1e-12)
+
+
+def logit_distillation(logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """R-DFCIL's hard KD: mean |z_k(x) − z*_k(x)| over rows and the teacher's classes
+    k, with the student's logits [B, K] sliced to the teacher's [B, K_old]."""
+    k_old = teacher_logits.shape[1]
+    return F.l1_loss(logits[:, :k_old].float(), teacher_logits.detach().float())
+
+
 def balance_weights(counts: Tensor) -> Tensor:
     """Upstream's class weights for eq. (4): w_c = max_j n_j / n_c, 0 where n_c = 0."""
     counts = counts.double()

@@ -20,6 +20,7 @@ sites'. Validation for model selection follows the same rule.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -216,6 +217,11 @@ class Study:
                     f"{_pct(test['old_accuracy'])}, new {_pct(test['new_accuracy'])})"
                 )
             self.recorder.write(self.out)  # outputs so far, after every task
+            # the global model after each task: the teacher of the next one, kept for
+            # `python -m simulations.diagnose` (fl_ci/diagnose.py)
+            atomic_torch_save(
+                self.model.state_dict(), task_model_path(self.out, step.task)
+            )
         self.done = step.server_round
         end_of_round(
             self.out,
@@ -342,6 +348,11 @@ class Study:
         return class_counts(self.model, data, self.cfg)
 
 
+def task_model_path(out: str | Path, task: int) -> Path:
+    """Where a run keeps the global model after `task`."""
+    return Path(out) / "tasks" / f"model-task{task}.pt"
+
+
 def study_normalization(
     cfg: Config, central: Experiment | None = None
 ) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
@@ -362,8 +373,6 @@ def _pair(counts: Counts) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _frozen_copy(model: IncrementalNet) -> IncrementalNet:
-    import copy
-
     return copy.deepcopy(model).eval()
 
 

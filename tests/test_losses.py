@@ -13,6 +13,8 @@ from fl_ci.losses import (
     distill_weight,
     feature_distillation,
     kd_loss,
+    local_cross_entropy,
+    logit_distillation,
     margin_loss,
 )
 
@@ -52,6 +54,38 @@ def test_balance_weights_are_max_count_over_count_and_zero_when_absent():
 
 SCORES = torch.tensor([[0.9, 0.1, 0.5, 0.8], [0.2, 0.6, 0.7, 0.3]])
 OLD_LABELS = torch.tensor([0, 1])
+
+
+# ----- levers: local cross-entropy, logit distillation -------------------------------
+
+
+def test_local_cross_entropy_keeps_each_row_within_its_side():
+    # 2 old classes, 1 new. Row 0 (old class 0) over the old logits [ln2, 0]:
+    # -ln(2/3); row 1 (new class 2) over the new logits [5] alone: 0, whatever the
+    # old scores are.
+    logits = torch.tensor([[LN2, 0.0, 9.0], [7.0, 7.0, 5.0]])
+    loss = local_cross_entropy(logits, torch.tensor([0, 2]), num_old=2)
+    assert close(loss, math.log(1.5) / 2)
+
+
+def test_local_cross_entropy_takes_class_weights_as_eq4():
+    logits = torch.tensor([[LN2, 0.0, 9.0], [7.0, 7.0, 5.0]])
+    weights = torch.tensor([1.0, 1.0, 3.0])
+    loss = local_cross_entropy(logits, torch.tensor([0, 2]), 2, weights)
+    assert close(loss, (1 * math.log(1.5) + 3 * 0.0) / (1 + 3))
+
+
+def test_local_cross_entropy_of_old_rows_only_is_old_class_ce():
+    logits = torch.tensor([[LN3, 0.0, 4.0], [0.0, LN2, -1.0]])
+    labels = torch.tensor([0, 1])
+    expected = cosine_cross_entropy(logits[:, :2], labels)
+    assert close(local_cross_entropy(logits, labels, 2), expected.item())
+
+
+def test_logit_distillation_is_mean_l1_over_teacher_classes():
+    # |1 - 0| and |2 - 4| over the 2 old classes; the new logit 9 is not compared
+    student = torch.tensor([[1.0, 2.0, 9.0]])
+    assert close(logit_distillation(student, torch.tensor([[0.0, 4.0]])), 1.5)
 
 
 def test_margin_loss_top1_uses_hardest_new_class():

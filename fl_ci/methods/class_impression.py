@@ -9,6 +9,11 @@ new-class rows, old rows frozen, α_dist = 5 sqrt(n_old / n_new) unless set, CE 
 weights max_j n_j / n_c, centroids of unscaled cosine scores.
 Ablations are switches: `ci.margin_weight = 0`, `ci.contrastive_weight = 0`,
 `ci.distill_weight = 0`, `synthesis.init = "random"`, `head = "linear"`.
+Levers against forgetting, off by default (docs/results.md, "Keeping the old
+views"): `ci.real_ce = "local"` (each row's cross-entropy within its own side of the
+old/new split, ABD and R-DFCIL), `ci.head_align_weight` (a class-balanced
+cross-entropy that trains only the head on the batch's detached features),
+`ci.logit_distill_weight` (R-DFCIL's L1 on the old-class logits of impressions).
 Upstream's own forms, where ours differ, are switches too (docs/results.md, "Fidelity
 to upstream"): `ci.margin_anchors = "old_rows"` (margin anchors = every old-label row,
 not only the impressions), `ci.centroid_form = "zero_init"` (zero-started centroids
@@ -173,11 +178,26 @@ class ClassImpression(SyntheticReplay):
         weights = None
         if ci.class_weights and self.class_weights is not None:
             weights = self.class_weights.to(out.logits.device)
-        ce = losses.cosine_cross_entropy(out.logits, batch.y, weights)
+        if ci.real_ce == "local" and ctx.num_old > 0:
+            ce = losses.local_cross_entropy(out.logits, batch.y, ctx.num_old, weights)
+        else:
+            ce = losses.cosine_cross_entropy(out.logits, batch.y, weights)
         terms = {"ce": ce.detach()}
         total = ce
         if teacher_out is None or ctx.num_old == 0:
             return total, terms
+        if ci.head_align_weight > 0:
+            # the head alone learns the old/new boundary on real and synthetic rows
+            _, head_logits = model.head.forward_scores(out.features.detach())
+            align = losses.cosine_cross_entropy(head_logits, batch.y, weights)
+            total = total + ci.head_align_weight * align
+            terms["head_align"] = align.detach()
+        if ci.logit_distill_weight > 0 and batch.extra.any():
+            hkd = losses.logit_distillation(
+                out.logits[batch.extra], teacher_out.logits[batch.extra]
+            )
+            total = total + ci.logit_distill_weight * hkd
+            terms["logit_distill"] = hkd.detach()
         alpha = ci.distill_weight
         if alpha < 0:
             alpha = losses.distill_weight(ctx.num_old, len(ctx.new_classes))
