@@ -99,6 +99,7 @@ class Recorder:
             ),
             "forgetting": scores.get("forgetting", math.nan),
             "bwt": scores.get("backward_transfer", math.nan),
+            "val_final_accuracy": self.val_final_accuracy() if done else math.nan,
             "accuracy_after_task": metrics.accuracy_after_tasks(r).tolist()
             if done
             else [],
@@ -119,6 +120,16 @@ class Recorder:
             "wall_seconds": self.elapsed_before + time.time() - self.started,
             "config": self.cfg.to_flat(),
         }
+
+    def val_final_accuracy(self) -> float:
+        """Final accuracy's form (mean over tasks) on validation, after the last
+        round recorded: the number settings are chosen by."""
+        rows = [
+            r
+            for r in self.rows
+            if r.get("split") == "val" and "accuracy_mean_over_tasks" in r
+        ]
+        return rows[-1]["accuracy_mean_over_tasks"] if rows else math.nan
 
     def write(
         self, out: str | Path, extra: dict[str, Any] | None = None

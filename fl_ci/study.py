@@ -187,6 +187,9 @@ class Study:
             accuracy=val["accuracy"],
             old_accuracy=val["old_accuracy"],
             new_accuracy=val["new_accuracy"],
+            # the pinned final-accuracy form (mean over tasks) on validation: what
+            # settings are chosen by (docs/results.md)
+            accuracy_mean_over_tasks=_task_mean(val["per_task"]),
             **(
                 {"server_accuracy": evals["server_val"]["accuracy"]}
                 if "server_val" in evals
@@ -362,6 +365,11 @@ def study_normalization(
     if norm is None and central is not None:
         norm = (central.splits.train.mean, central.splits.train.std)
     return norm
+
+
+def _task_mean(per_task: list[float]) -> float:
+    known = [a for a in per_task if a == a]  # NaN: a task with no image here
+    return sum(known) / len(known) if known else float("nan")
 
 
 def _pct(value: float) -> str:

@@ -42,6 +42,7 @@ METRICS = (
     ("final_accuracy", "final accuracy (%)"),
     ("average_incremental_accuracy", "avg. incremental accuracy (%)"),
     ("forgetting", "forgetting (%)"),
+    ("val_final_accuracy", "final accuracy, validation (%)"),
 )
 
 
@@ -54,6 +55,11 @@ def ablation_overrides(variant: str) -> dict[str, Any]:
         "random_init": {"synthesis.init": "random"},
         "linear_head": {"head": "linear"},
         "no_imprint": {"ci.imprint": False},
+        # levers against forgetting (docs/results.md, "Keeping the old views")
+        "local_ce": {"ci.real_ce": "local"},
+        "head_align": {"ci.head_align_weight": 1.0},
+        "local_ce_head_align": {"ci.real_ce": "local", "ci.head_align_weight": 1.0},
+        "logit_distill": {"ci.logit_distill_weight": 1.0},
     }
     if variant not in table:
         raise ConfigError(
@@ -96,7 +102,7 @@ def aggregate(results: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     for label, summaries in results.items():
         row: dict[str, Any] = {"method": label, "runs": len(summaries)}
         for key, heading in METRICS:
-            mean, std = _mean_std([s[key] for s in summaries])
+            mean, std = _mean_std([s.get(key, math.nan) for s in summaries])
             row[heading] = "n/a" if math.isnan(mean) else f"{mean:.2f} ± {std:.2f}"
         rows.append(row)
     return rows
@@ -124,6 +130,7 @@ def table_rows(
             "final_accuracy": summary["final_accuracy"],
             "average_incremental_accuracy": summary["average_incremental_accuracy"],
             "forgetting": summary["forgetting"],
+            "val_final_accuracy": summary.get("val_final_accuracy", math.nan),
             "bwt": summary["bwt"],
             "wall_seconds": summary["wall_seconds"],
             "run_dir": str(run_dir),
@@ -197,7 +204,8 @@ def compare(
         f"# Comparison: {title or base.dataset}",
         "",
         f"{base.dataset}, {base.tasks} tasks, {sites} site{'s' * (sites > 1)}, "
-        f"seeds {', '.join(map(str, seeds))}; mean ± sample std over seeds (test set).",
+        f"seeds {', '.join(map(str, seeds))}; mean ± sample std over seeds (test set; the "
+        "last column on validation, which settings are chosen by).",
         "",
         table,
     ]
