@@ -5,6 +5,7 @@ attention maps."""
 import copy
 import dataclasses
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import torch
 from fl_ci.config import Config, ConfigError
 from fl_ci.experiment import Experiment
 from fl_ci.methods import SiteStore, build_method, registry
-from fl_ci.methods.base import model_hash
+from fl_ci.methods.base import Batch, model_hash
 from fl_ci.methods.icarl import herding
 from fl_ci.methods.lwm import attention_distillation, grad_cam
 from fl_ci.metrics import accuracy_from_counts
@@ -227,3 +228,48 @@ def test_class_without_a_shared_mean_starts_from_noise_and_is_named(caplog):
     assert "no site shared a mean of classes [1]" in caplog.text
     impressions = store.get(f"impressions-task1-{model_hash(teacher)}")
     assert impressions["labels"].bincount().tolist() == [4, 4, 4]  # still balanced
+
+
+# ----- Class Impression's levers against forgetting ----------------------------------
+def lever_gradients(**ci) -> dict[str, torch.Tensor]:
+    """Gradients of Class Impression's loss on one batch of 2 real new-class rows and
+    2 impression rows, at task 1 of a 2-old + 1-new model, with `ci` switches."""
+    cfg = tiny_config("class_impression")
+    cfg = cfg.replace(ci=dataclasses.replace(cfg.ci, contrastive_weight=0.0, **ci))
+    method = build_method(cfg)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        teacher = build_model("echo_net", 2, in_channels=1, head="cosine")
+        student = grow_for_task(teacher, 1, seed=1)
+        x = torch.randn(4, 1, 32, 32)
+    teacher.eval()
+    student.train()
+    student.freeze_old_classes(True)
+    ctx = SimpleNamespace(num_old=2, new_classes=[2], task=1)
+    batch = Batch(
+        x, torch.tensor([2, 2, 0, 1]), torch.tensor([False, False, True, True])
+    )
+    out = student.forward_all(x)
+    with torch.no_grad():
+        teacher_out = teacher.forward_all(x)
+    loss, _ = method.loss(student, batch, out, teacher_out, ctx)
+    loss.backward()
+    return {
+        n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None
+    }
+
+
+def test_head_alignment_trains_the_head_alone():
+    without = lever_gradients()
+    aligned = lever_gradients(head_align_weight=1.0)
+    for name, grad in without.items():
+        if name.startswith("backbone."):
+            assert torch.equal(aligned[name], grad), name
+    assert not torch.equal(aligned["head.new_weight"], without["head.new_weight"])
+
+
+def test_local_cross_entropy_of_one_new_class_leaves_only_the_other_terms():
+    # one new class: its rows' local CE is 0, so with every other term off the
+    # impression rows' old-class CE is the whole loss and the new row gets no gradient
+    grads = lever_gradients(real_ce="local", distill_weight=0.0, margin_weight=0.0)
+    assert torch.count_nonzero(grads.get("head.new_weight", torch.zeros(1))) == 0
