@@ -124,6 +124,14 @@ class ClassImpressionConfig:
     # weight of the L1 distance between the student's and the teacher's old-class
     # logits on the impressions (R-DFCIL's hard KD)
     logit_distill_weight: float = 0.0
+    # rows whose features eq. (7) distils: all = real and synthetic (the paper) |
+    # synthetic = the impressions only, so the new view's own images are free to move
+    # away from the old classes, where the teacher (which never saw them) put them
+    distill_rows: str = "all"
+    # give the impressions the same random crop (and flip) as the real rows, as
+    # upstream does by loading them through the training transform; otherwise the
+    # student can tell a fixed, unaugmented impression from an augmented real image
+    augment_impressions: bool = False
 
 
 @dataclass(frozen=True)
@@ -317,6 +325,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "ci.centroid_form": ("seen", "zero_init"),
     "ci.target": ("task_data", "unlabelled", "test"),
     "ci.real_ce": ("global", "local"),
+    "ci.distill_rows": ("all", "synthetic"),
     "federation.strategy": ("fedavg", "median", "trimmed_mean", "krum"),
 }
 _POSITIVE = {

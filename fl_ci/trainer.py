@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from fl_ci.data.base import batches
+from fl_ci.data.base import augment, batches
 from fl_ci.data.registry import augmentation
 from fl_ci.methods.base import Batch, Method, SiteContext
 from fl_ci.models import IncrementalNet
@@ -115,6 +115,8 @@ def train_round(
             extra = torch.zeros(len(y), dtype=torch.bool, device=device)
             if extra_bs:
                 ex, ey = method.extra_batch(extra_bs, generator)
+                if method.augments_extra() and (pad or flip):
+                    ex = augment(ex.to(device), pad, flip, generator)
                 x = torch.cat([x, ex.to(device)])
                 y = torch.cat([y, ey.to(device)])
                 ones = torch.ones(len(ey), dtype=torch.bool, device=device)

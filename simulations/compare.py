@@ -60,6 +60,9 @@ def ablation_overrides(variant: str) -> dict[str, Any]:
         "head_align": {"ci.head_align_weight": 1.0},
         "local_ce_head_align": {"ci.real_ce": "local", "ci.head_align_weight": 1.0},
         "logit_distill": {"ci.logit_distill_weight": 1.0},
+        "distill_synthetic": {"ci.distill_rows": "synthetic"},
+        "augment_impressions": {"ci.augment_impressions": True},
+        "lr_peak": {"synthesis.lr_peak": 0.4},
     }
     if variant not in table:
         raise ConfigError(

@@ -9,6 +9,7 @@ precision. A method only overrides hooks:
 | `begin_round`     | nothing                      | synthesis (impressions), exemplars  |
 | `prepare_model`   | nothing                      | head imprinting, freezing old rows  |
 | `extra_batch`     | none                         | impressions, exemplars              |
+| `augments_extra`  | False                        | CI (`ci.augment_impressions`)       |
 | `replay_size`     | 0                            | SyntheticReplay: CI, DeepInversion  |
 | `loss`            | cross-entropy                | every method adds its terms         |
 | `end_task`        | nothing                      | exemplar herding                    |
@@ -151,6 +152,10 @@ class Method:
     ) -> tuple[torch.Tensor, ...]:
         """`n` extra rows (x [n, C, H, W], y [n]); only called if extra_share > 0."""
         raise NotImplementedError
+
+    def augments_extra(self) -> bool:
+        """Whether the trainer gives `extra_batch` rows the real rows' augmentation."""
+        return False
 
     def replay_size(self) -> int:
         """Distinct synthetic rows `extra_batch` draws from (0: none, or unbounded). A

@@ -13,7 +13,9 @@ Levers against forgetting, off by default (docs/results.md, "Keeping the old
 views"): `ci.real_ce = "local"` (each row's cross-entropy within its own side of the
 old/new split, ABD and R-DFCIL), `ci.head_align_weight` (a class-balanced
 cross-entropy that trains only the head on the batch's detached features),
-`ci.logit_distill_weight` (R-DFCIL's L1 on the old-class logits of impressions).
+`ci.logit_distill_weight` (R-DFCIL's L1 on the old-class logits of impressions),
+`ci.distill_rows = "synthetic"` (eq. 7 on the impressions only),
+`ci.augment_impressions` (the real rows' crop and flip on impressions too).
 Upstream's own forms, where ours differ, are switches too (docs/results.md, "Fidelity
 to upstream"): `ci.margin_anchors = "old_rows"` (margin anchors = every old-label row,
 not only the impressions), `ci.centroid_form = "zero_init"` (zero-started centroids
@@ -159,6 +161,9 @@ class ClassImpression(SyntheticReplay):
     def extra_share(self, ctx: SiteContext) -> float:
         return self.cfg.ci.synthetic_ratio if self.images is not None else 0.0
 
+    def augments_extra(self) -> bool:
+        return self.cfg.ci.augment_impressions
+
     def begin_epoch(self, ctx: SiteContext) -> None:
         # upstream resets the running centroids every epoch
         ci = self.cfg.ci
@@ -201,8 +206,11 @@ class ClassImpression(SyntheticReplay):
         alpha = ci.distill_weight
         if alpha < 0:
             alpha = losses.distill_weight(ctx.num_old, len(ctx.new_classes))
-        if alpha > 0:
-            dist = losses.feature_distillation(out.features, teacher_out.features)
+        rows = batch.extra if ci.distill_rows == "synthetic" else slice(None)
+        if alpha > 0 and (ci.distill_rows == "all" or batch.extra.any()):
+            dist = losses.feature_distillation(
+                out.features[rows], teacher_out.features[rows]
+            )
             total = total + alpha * dist
             terms["distill"] = dist.detach()
         if ci.margin_weight > 0:
