@@ -12,6 +12,7 @@ import torch
 
 from fl_ci.config import Config, ConfigError
 from fl_ci.experiment import Experiment
+from fl_ci.losses import feature_distillation
 from fl_ci.methods import SiteStore, build_method, registry
 from fl_ci.methods.base import Batch, model_hash
 from fl_ci.methods.icarl import herding
@@ -233,7 +234,8 @@ def test_class_without_a_shared_mean_starts_from_noise_and_is_named(caplog):
 # ----- Class Impression's levers against forgetting ----------------------------------
 def lever_gradients(**ci) -> dict[str, torch.Tensor]:
     """Gradients of Class Impression's loss on one batch of 2 real new-class rows and
-    2 impression rows, at task 1 of a 2-old + 1-new model, with `ci` switches."""
+    2 impression rows, at task 1 of a 2-old + 1-new model, with `ci` switches; also
+    the loss terms ("terms") and both models' outputs ("out", "teacher_out")."""
     cfg = tiny_config("class_impression")
     cfg = cfg.replace(ci=dataclasses.replace(cfg.ci, contrastive_weight=0.0, **ci))
     method = build_method(cfg)
@@ -252,18 +254,19 @@ def lever_gradients(**ci) -> dict[str, torch.Tensor]:
     out = student.forward_all(x)
     with torch.no_grad():
         teacher_out = teacher.forward_all(x)
-    loss, _ = method.loss(student, batch, out, teacher_out, ctx)
+    loss, terms = method.loss(student, batch, out, teacher_out, ctx)
     loss.backward()
-    return {
+    grads = {
         n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None
     }
+    return grads | {"terms": terms, "out": out, "teacher_out": teacher_out}
 
 
 def test_head_alignment_trains_the_head_alone():
     without = lever_gradients()
     aligned = lever_gradients(head_align_weight=1.0)
     for name, grad in without.items():
-        if name.startswith("backbone."):
+        if name.startswith("backbone."):  # (the non-gradient entries are skipped)
             assert torch.equal(aligned[name], grad), name
     assert not torch.equal(aligned["head.new_weight"], without["head.new_weight"])
 
@@ -273,3 +276,14 @@ def test_local_cross_entropy_of_one_new_class_leaves_only_the_other_terms():
     # impression rows' old-class CE is the whole loss and the new row gets no gradient
     grads = lever_gradients(real_ce="local", distill_weight=0.0, margin_weight=0.0)
     assert torch.count_nonzero(grads.get("head.new_weight", torch.zeros(1))) == 0
+
+
+def test_distilling_synthetic_rows_leaves_the_real_rows_features_free():
+    got = lever_gradients(distill_rows="synthetic")
+    extra = torch.tensor([False, False, True, True])
+    expected = feature_distillation(
+        got["out"].features[extra], got["teacher_out"].features[extra]
+    )
+    assert torch.allclose(got["terms"]["distill"], expected.detach())
+    everything = lever_gradients()["terms"]["distill"]
+    assert not torch.allclose(everything, expected.detach())
