@@ -63,6 +63,7 @@ def ablation_overrides(variant: str) -> dict[str, Any]:
         "distill_synthetic": {"ci.distill_rows": "synthetic"},
         "augment_impressions": {"ci.augment_impressions": True},
         "lr_peak": {"synthesis.lr_peak": 0.4},
+        "lr_peak_augment": {"synthesis.lr_peak": 0.4, "ci.augment_impressions": True},
     }
     if variant not in table:
         raise ConfigError(
