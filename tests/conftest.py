@@ -17,8 +17,11 @@ for _key, _value in (
 ):
     os.environ.setdefault(_key, _value)
 
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from tiny_runs import run_tiny_echo_paper  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -47,3 +50,11 @@ def run_identity():
     yield
     for key, value in zip(keys, before, strict=True):
         setattr(TaskIdentity, key, value)
+
+
+@pytest.fixture(scope="session")
+def tiny_echo_paper_run(tmp_path_factory) -> Path:
+    """A finished tiny echo-paper run (tests/tiny_runs.py), made once per session for
+    the modules that read it. Read it only: a test that changes a run works on a copy
+    (`shutil.copytree`), so every module sees the run as the command left it."""
+    return run_tiny_echo_paper(tmp_path_factory.mktemp("run") / "echo-paper")

@@ -87,7 +87,9 @@ def test_sites_with_their_own_folders_complete_a_run_and_bad_sites_are_named(
             str(config),
             timeout=120,
         )
-        run = wait_for_run(cli, tmp_path, started["run-id"], procs, timeout=480)
+        run = wait_for_run(
+            cli, tmp_path, started["run-id"], procs, 480, done=out / "report.html"
+        )
         log = subprocess.run(
             ["flwr", "log", str(started["run-id"]), "test", "--show"],
             env=cli,

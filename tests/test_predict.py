@@ -5,7 +5,6 @@ still images are scored; unreadable files are skipped and listed."""
 
 import csv
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -35,22 +34,6 @@ US_CINE = get_testdata_file("examples_ybr_color.dcm")  # 30 frames, YBR_FULL_422
 US_RGB = get_testdata_file("examples_rgb_color.dcm")  # one frame, RGB
 US_PALETTE = get_testdata_file("examples_palette.dcm")  # one frame, PALETTE COLOR
 US_SAMPLED_8 = "0 3 7 11 15 18 22 26"  # tests/test_echo.py: 8 of 30 frames
-TINY_RUN = [
-    "echo-paper",
-    "--set",
-    "data.patients=4",
-    "--set",
-    "local_epochs=1",
-    "--set",
-    "synthesis.iterations=5",
-    "--set",
-    "synthesis.per_class=4",
-    "--set",
-    "data.image_size=32",
-    "--set",
-    "data.frames=2",
-    "--quiet",
-]
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -59,19 +42,10 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    """A finished single-machine run (seconds): summary.json and checkpoint.pt."""
-    out = tmp_path_factory.mktemp("run") / "echo-paper"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(
-        [sys.executable, "-m", "simulations", *TINY_RUN, "--out", str(out)],
-        cwd=REPO,
-        env=env,
-        check=True,
-        capture_output=True,
-        timeout=600,
-    )
-    return out
+def run_dir(tiny_echo_paper_run: Path) -> Path:
+    """A finished single-machine run (seconds): summary.json and checkpoint.pt;
+    shared with other modules, so tests copy it before changing it."""
+    return tiny_echo_paper_run
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,9 @@ Chromium."""
 
 import base64
 import json
-import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,39 +16,15 @@ from fl_ci.report import accuracy_by_class, class_tasks, write_report
 from simulations.audit import main as audit_main
 
 ROOT = Path(__file__).resolve().parents[1]
-# the scenario shrunk to seconds on a CPU: 4 patients, 1 epoch, 5 synthesis steps
-TINY_ECHO_PAPER = [
-    "echo-paper",
-    "--set",
-    "data.patients=4",
-    "--set",
-    "local_epochs=1",
-    "--set",
-    "synthesis.iterations=5",
-    "--set",
-    "synthesis.per_class=4",
-    "--set",
-    "data.image_size=32",
-    "--set",
-    "data.frames=2",
-    "--quiet",
-]
 DATA_URI = "data:image/png;base64,"
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """A finished echo-paper run with its impression audit (audit.md, grids)."""
+def run_dir(tiny_echo_paper_run, tmp_path_factory):
+    """A finished echo-paper run (tests/tiny_runs.py, the session's copy left as it
+    is) with its impression audit (audit.md, grids)."""
     out = tmp_path_factory.mktemp("echo-paper")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(
-        [sys.executable, "-m", "simulations", *TINY_ECHO_PAPER, "--out", str(out)],
-        cwd=ROOT,
-        env=env,
-        check=True,
-        capture_output=True,
-        timeout=600,
-    )
+    shutil.copytree(tiny_echo_paper_run, out, dirs_exist_ok=True)
     assert audit_main([str(out), "--no-features"]) == 0
     return out
 

@@ -9,11 +9,14 @@ import pytest
 from fl_ci.config import Config
 from simulations.__main__ import SCENARIOS
 
+# One synthesis step still runs every scenario's whole synthesis path (its steps cost
+# time per old class at every site: the 10-task federated one spent most of its minutes
+# there at 3 steps); the impressions' quality is tests/test_synthesis.py's business.
 SMALL = [
     "local_epochs=1",
     "rounds_per_task=1",
     "batch_size=16",
-    "synthesis.iterations=3",
+    "synthesis.iterations=1",
     "synthesis.per_class=2",
     "synthesis.min_mean_count=1",
     "baselines.abd_iterations=2",

@@ -245,7 +245,9 @@ def test_hospitals_with_their_own_data_join_over_tls_and_complete_a_run(federati
             study, fed.root / "study.toml", out=str(out), progress=False
         )
         started = fed.flwr("run", str(REPO), "test", "--run-config", str(config))
-        run = wait_for_run(fed.cli, fed.root, started["run-id"], procs, timeout=480)
+        run = wait_for_run(
+            fed.cli, fed.root, started["run-id"], procs, 480, done=out / "report.html"
+        )
         assert run["status"] == "finished:completed", (run, procs.log("hospital-1"))
     finally:
         procs.stop()
