@@ -68,8 +68,9 @@ class SynthesisConfig:
     init_noise: float = 0.1
     warmup: int = 100  # linear learning-rate warm-up iterations, then cosine decay
     # the cosine decay after the warm-up starts at lr_peak * lr (upstream Class
-    # Impression's `0.2 * (1 + cos)` is lr_peak = 0.4; NVlabs DeepInversion's 1.0)
-    lr_peak: float = 1.0
+    # Impression's `0.2 * (1 + cos)` is lr_peak = 0.4, the default since it kept more
+    # old views on validation, docs/results.md; NVlabs DeepInversion's is 1.0)
+    lr_peak: float = 0.4
     bn_weight: float = 1.0  # a_bn
     first_bn_weight: float = 10.0  # r_1: weight of the first BatchNorm layer
     tv_weight: float = 1e-3  # a_tv

@@ -219,7 +219,8 @@ class Study:
                     f"{new}), test accuracy {_pct(test['accuracy'])} (old "
                     f"{_pct(test['old_accuracy'])}, new {_pct(test['new_accuracy'])})"
                 )
-            self.recorder.write(self.out)  # outputs so far, after every task
+            # the tables so far, after every task (the plots at the end)
+            self.recorder.write(self.out, plots=False)
             # the global model after each task: the teacher of the next one, kept for
             # `python -m simulations.diagnose` (fl_ci/diagnose.py)
             atomic_torch_save(

@@ -27,7 +27,8 @@ from fl_ci.models import NetOutput
 
 def test_switch_defaults_are_todays_behaviour():
     cfg = Config()
-    assert cfg.synthesis.lr_peak == 1.0 and cfg.synthesis.tv_form == "per_image"
+    # lr_peak became upstream's 0.4 after it won on validation (issue 13)
+    assert cfg.synthesis.lr_peak == 0.4 and cfg.synthesis.tv_form == "per_image"
     assert cfg.ci.centroid_form == "seen" and cfg.ci.margin_anchors == "synthetic"
     assert cfg.ci.contrastive_weight == 0.1
     assert cfg.baselines.kd_t2 is True

@@ -288,9 +288,11 @@ def test_an_image_folder_is_scored_like_the_same_pixels_as_cines(
     npz = read_csv(tmp_path / "npz.csv")[:4]
     for a, b in zip(png, npz, strict=True):
         assert Path(a["path"]).stem == Path(b["path"]).stem
-        assert {k: v for k, v in a.items() if k.startswith("prob_")} == {
-            k: v for k, v in b.items() if k.startswith("prob_")
-        }
+        probs = [k for k in a if k.startswith("prob_")]
+        assert probs and probs == [k for k in b if k.startswith("prob_")]
+        # the same pixels through another batch may round the 6th digit differently
+        for k in probs:
+            assert float(a[k]) == pytest.approx(float(b[k]), abs=2e-6), k
 
 
 def test_bad_manifest_rows_are_skipped_and_the_rest_scored(

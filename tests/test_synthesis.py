@@ -235,14 +235,14 @@ def test_image_l2_is_mean_of_per_image_norms():
 
 
 def test_learning_rate_warms_up_linearly_then_decays_by_cosine():
-    c = SynthesisConfig(lr=1.0, warmup=4, iterations=20)
+    c = SynthesisConfig(lr=1.0, warmup=4, iterations=20, lr_peak=1.0)
     # warm-up (t+1)/4; then 0.5 (1 + cos(π (t − 4) / 16))
     assert [lr_at(t, c) for t in (0, 3, 4, 12)] == pytest.approx([0.25, 1, 1, 0.5])
     assert lr_at(19, c) == pytest.approx(0.5 * (1 + math.cos(15 / 16 * math.pi)))
 
 
 def test_warm_up_is_at_most_a_fifth_of_a_short_run():
-    c = SynthesisConfig(lr=1.0, warmup=100, iterations=50)
+    c = SynthesisConfig(lr=1.0, warmup=100, iterations=50, lr_peak=1.0)
     # warm-up capped at 10 steps: peak at step 9, then cosine over the other 40
     assert [lr_at(t, c) for t in (0, 9, 30)] == pytest.approx([0.1, 1, 0.5])
 
@@ -262,9 +262,9 @@ def test_lr_peak_04_is_upstream_class_impression_schedule():
     assert lr_at(100, c) == pytest.approx(0.4 * 0.25)  # the drop after the warm-up
 
 
-def test_lr_peak_default_keeps_the_half_cosine():
-    c = SynthesisConfig(lr=1.0, warmup=4, iterations=20)
-    assert c.lr_peak == 1.0 and lr_at(4, c) == 1.0
+def test_lr_peak_1_keeps_the_half_cosine():
+    c = SynthesisConfig(lr=1.0, warmup=4, iterations=20, lr_peak=1.0)
+    assert lr_at(4, c) == 1.0
 
 
 def test_batch_total_variation_is_upstream_frobenius_over_the_batch():

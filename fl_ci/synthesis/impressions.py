@@ -18,9 +18,9 @@ upstream; calibrate a_tv and a_l2 per dataset so each term is a fraction of CE
 
 Learning rate: linear warm-up to `lr`, then cosine decay from `lr_peak · lr` to 0.
 Upstream Class Impression writes the decay as lr · 0.2 · (1 + cos) (lr_peak = 0.4, a
-drop right after the warm-up); NVlabs DeepInversion, and our default, lr · 0.5 · (1 +
-cos) (lr_peak = 1), so the same `synthesis.lr` runs 2.5x hotter here than upstream's.
-(docs/results.md, "Fidelity to upstream", measures both.)
+drop right after the warm-up; our default, since it kept more old views on validation:
+docs/results.md, "Keeping the old views"); NVlabs DeepInversion writes lr · 0.5 · (1 +
+cos) (lr_peak = 1, our default before).
 """
 
 from __future__ import annotations
