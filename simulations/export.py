@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from fl_ci.config import Config, ConfigError
-from fl_ci.data.echo_synth import make_echo_synth
+from fl_ci.data.registry import render_echo_synth
 from fl_ci.plan import StudyPlan
 from simulations.__main__ import scenario_path
 
@@ -92,16 +92,8 @@ def export(cfg: Config, out: Path, fmt: str = "npz") -> dict[int, int]:
         )
     if fmt not in FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    d = cfg.data
     plan = StudyPlan.from_config(cfg)
-    data = make_echo_synth(
-        patients=d.patients,
-        devices=d.devices,
-        cines_per_view=d.cines_per_view,
-        frames=d.frames,
-        image_size=d.image_size or 64,
-        seed=cfg.seed,
-    )
+    data = render_echo_synth(cfg)
     out.mkdir(parents=True, exist_ok=True)
     site = site_of_patient(data.patients, data.devices, cfg.sites, cfg.seed)
     written: dict[int, int] = {}

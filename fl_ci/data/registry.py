@@ -117,11 +117,13 @@ def _load_echo(cfg: Config, root: str, names: list[str]) -> Splits:
     return _split_patients(cfg, data, skipped=list(data.skipped))
 
 
-def _load_echo_synth(cfg: Config, root: str, names: list[str]) -> Splits:
+def render_echo_synth(cfg: Config) -> ImageData:
+    """The procedural echo cines of a study's config (`data.*`, `seed`): the one
+    place that maps config keys to the renderer."""
     from fl_ci.data.echo_synth import make_echo_synth
 
     d = cfg.data
-    data = make_echo_synth(
+    return make_echo_synth(
         patients=d.patients,
         devices=d.devices,
         cines_per_view=d.cines_per_view,
@@ -129,7 +131,10 @@ def _load_echo_synth(cfg: Config, root: str, names: list[str]) -> Splits:
         image_size=d.image_size or 64,
         seed=cfg.seed,
     )
-    return _split_patients(cfg, _by_names(data, names))
+
+
+def _load_echo_synth(cfg: Config, root: str, names: list[str]) -> Splits:
+    return _split_patients(cfg, _by_names(render_echo_synth(cfg), names))
 
 
 DATASETS: dict[str, DatasetSpec] = {
