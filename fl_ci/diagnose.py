@@ -27,6 +27,7 @@ student_on_old = 100`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -76,31 +77,22 @@ class TaskDiagnosis:
 
 
 @torch.no_grad()
-def _outputs(
-    model: IncrementalNet, x: Tensor, batch_size: int = 256
-) -> tuple[Tensor, Tensor]:
-    """(features [N, D], logits [N, K]) of already-normalised images."""
+def _outputs(model: IncrementalNet, inputs: Iterable[Tensor]) -> tuple[Tensor, Tensor]:
+    """(features [N, D], logits [N, K]) over batches of normalised images."""
     model.eval()
     feats, logits = [], []
-    for start in range(0, len(x), batch_size):
-        out = model.forward_all(x[start : start + batch_size])
-        feats.append(out.features.float())
-        logits.append(out.logits.float())
-    return torch.cat(feats), torch.cat(logits)
-
-
-@torch.no_grad()
-def _data_outputs(model: IncrementalNet, data: ImageData) -> tuple[Tensor, Tensor]:
-    """(features, logits) on held-out images as evaluation sees them (middle frame)."""
-    model.eval()
-    feats, logits = [], []
-    for x, _ in batches(data, 256, train=False):
+    for x in inputs:
         out = model.forward_all(x)
         feats.append(out.features.float())
         logits.append(out.logits.float())
     if not feats:
-        return torch.zeros(0, 0), torch.zeros(0, model.num_classes)
+        return torch.zeros(0, model.feature_dim), torch.zeros(0, model.num_classes)
     return torch.cat(feats), torch.cat(logits)
+
+
+def _held_out_batches(data: ImageData) -> Iterator[Tensor]:
+    """Held-out images as evaluation reads them (the middle frame of a cine)."""
+    return (x for x, _ in batches(data, 256, train=False))
 
 
 def _pct(hits: Tensor) -> float:
@@ -198,9 +190,9 @@ def diagnose_task(
         task,
         num_old,
         impression_labels,
-        Outputs(*_outputs(teacher, impressions)),
-        Outputs(*_outputs(student, impressions)),
+        Outputs(*_outputs(teacher, impressions.split(256))),
+        Outputs(*_outputs(student, impressions.split(256))),
         val.labels,
-        Outputs(*_data_outputs(teacher, val)),
-        Outputs(*_data_outputs(student, val)),
+        Outputs(*_outputs(teacher, _held_out_batches(val))),
+        Outputs(*_outputs(student, _held_out_batches(val))),
     )

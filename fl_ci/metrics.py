@@ -17,6 +17,7 @@ forgetting are 0.0, not NaN, so a one-task run still summarises to numbers.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -40,6 +41,14 @@ def accuracy_after_tasks(R: Any) -> np.ndarray:
 def final_accuracy(R: Any) -> float:
     """A_{T-1}: mean accuracy over all tasks after the last one."""
     return float(accuracy_after_tasks(R)[-1])
+
+
+def mean_over_tasks(per_task: Any) -> float:
+    """Mean of one row of R (accuracy on each task's classes), leaving out tasks
+    with no image in the split evaluated (NaN); NaN if none has one."""
+    row = np.asarray(per_task, dtype=np.float64)
+    row = row[np.isfinite(row)]
+    return float(row.mean()) if row.size else math.nan
 
 
 def average_incremental_accuracy(R: Any) -> float:

@@ -69,7 +69,7 @@ class Recorder:
             accuracy=result["accuracy"],
             old_accuracy=result["old_accuracy"],
             new_accuracy=result["new_accuracy"],
-            accuracy_mean_over_tasks=float(np.nanmean(result["per_task"])),
+            accuracy_mean_over_tasks=metrics.mean_over_tasks(result["per_task"]),
         )
 
     def add_site_task(self, site: Any, task: int, result: dict[str, Any]) -> None:

@@ -33,7 +33,7 @@ from fl_ci.checkpoint import end_of_round, load_checkpoint, restore
 from fl_ci.config import Config, ConfigError
 from fl_ci.data.registry import dataset_spec, normalization
 from fl_ci.experiment import Experiment
-from fl_ci.metrics import accuracy_from_counts
+from fl_ci.metrics import accuracy_from_counts, mean_over_tasks
 from fl_ci.models import IncrementalNet
 from fl_ci.plan import StudyPlan
 from fl_ci.recorder import Recorder
@@ -189,7 +189,7 @@ class Study:
             new_accuracy=val["new_accuracy"],
             # the pinned final-accuracy form (mean over tasks) on validation: what
             # settings are chosen by (docs/results.md)
-            accuracy_mean_over_tasks=_task_mean(val["per_task"]),
+            accuracy_mean_over_tasks=mean_over_tasks(val["per_task"]),
             **(
                 {"server_accuracy": evals["server_val"]["accuracy"]}
                 if "server_val" in evals
@@ -366,11 +366,6 @@ def study_normalization(
     if norm is None and central is not None:
         norm = (central.splits.train.mean, central.splits.train.std)
     return norm
-
-
-def _task_mean(per_task: list[float]) -> float:
-    known = [a for a in per_task if a == a]  # NaN: a task with no image here
-    return sum(known) / len(known) if known else float("nan")
 
 
 def _pct(value: float) -> str:

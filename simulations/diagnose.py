@@ -117,11 +117,8 @@ def diagnose_run(run_dir: str | Path) -> list[TaskDiagnosis]:
 def _f(value: float, measure: str) -> str:
     if value != value:
         return "n/a"
-    return (
-        f"{value:.3f}"
-        if measure in ("feature_cosine", "impression_gap")
-        else (f"{value:.1f}")
-    )
+    digits = 3 if measure in ("feature_cosine", "impression_gap") else 1
+    return f"{value:.{digits}f}"
 
 
 def markdown(rows: list[tuple[str, TaskDiagnosis]]) -> str:

@@ -11,6 +11,7 @@ from fl_ci.metrics import (
     backward_transfer,
     final_accuracy,
     forgetting,
+    mean_over_tasks,
     old_new_accuracy,
     per_class_accuracy,
     summarize,
@@ -105,3 +106,8 @@ def test_old_new_accuracy_uses_argmax_over_all_classes() -> None:
     logits = np.array([[1.0, 2.0]])
     old, new = old_new_accuracy(logits, np.array([0]), n_old=1)
     assert old == 0.0 and math.isnan(new)
+
+
+def test_mean_over_tasks_leaves_out_tasks_without_images():
+    assert mean_over_tasks([60.0, NAN, 30.0]) == 45.0
+    assert np.isnan(mean_over_tasks([NAN, NAN]))
