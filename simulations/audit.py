@@ -58,6 +58,14 @@ def site_store(run_dir: Path, site: int) -> Path:
     )
 
 
+def site_stores(run_dir: Path) -> list[Path]:
+    """Every site store of a run, by the same rule as `site_store`."""
+    stores = [s for s in sorted((run_dir / "sites").glob("site-*")) if s.is_dir()]
+    if not stores and (run_dir / "site-0").is_dir():
+        stores = [run_dir / "site-0"]
+    return stores
+
+
 def find_impressions(store: Path) -> dict[int, Path]:
     """{task: file}; of several files for one task, the most recently written."""
     found: dict[int, Path] = {}

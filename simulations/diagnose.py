@@ -28,7 +28,7 @@ from fl_ci.experiment import Experiment
 from fl_ci.methods.base import model_hash
 from fl_ci.results import _save_png, atomic_write, write_json
 from fl_ci.study import task_model_path
-from simulations.audit import AuditError, find_impressions, load_config
+from simulations.audit import AuditError, find_impressions, load_config, site_stores
 
 LABELS = {
     "teacher_on_impressions": "teacher on impressions",
@@ -42,14 +42,6 @@ LABELS = {
     "impression_gap": "impression-real centroid gap",
     "student_on_new": "student on real new",
 }
-
-
-def site_stores(run_dir: Path) -> list[Path]:
-    """Every site store of a run (`sites/site-K`, or the old single-site `site-0`)."""
-    stores = sorted((run_dir / "sites").glob("site-*"))
-    if not stores and (run_dir / "site-0").is_dir():
-        stores = [run_dir / "site-0"]
-    return [s for s in stores if s.is_dir()]
 
 
 def task_impressions(
