@@ -78,6 +78,9 @@ class SynthesisConfig:
     # norms over the whole batch (about sqrt(batch) times larger)
     tv_form: str = "per_image"
     l2_weight: float = 1e-2  # a_l2
+    # pull each class's mean teacher feature towards that of its real images, kept
+    # by the sites (fl_ci/prototypes.py; CwD's statistics, Wang et al. 2024)
+    feature_weight: float = 0.0
     jitter: int = 0  # random roll in pixels (0: about image_size / 16)
     flip: bool = True
     compile: bool = False  # torch.compile the synthesis step (CUDA only)
@@ -133,6 +136,10 @@ class ClassImpressionConfig:
     # upstream does by loading them through the training transform; otherwise the
     # student can tell a fixed, unaugmented impression from an augmented real image
     augment_impressions: bool = False
+    # weight of feature replay: a cross-entropy of the head on pseudo-features drawn
+    # from each old class's real feature statistics (fl_ci/prototypes.py, PASS), so
+    # the new class's row learns where the real old images lie
+    prototype_weight: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -343,8 +350,9 @@ _NON_NEGATIVE = {
     "data.max_per_class", "data.image_size", "synthesis.batch_size", "synthesis.lr",
     "synthesis.warmup", "synthesis.init_noise", "synthesis.jitter",
     "synthesis.min_mean_count", "synthesis.mean_noise_std", "ci.margin_weight",
+    "synthesis.feature_weight",
     "ci.contrastive_weight", "ci.top_k", "ci.head_align_weight",
-    "ci.logit_distill_weight", "federation.min_sites",
+    "ci.logit_distill_weight", "ci.prototype_weight", "federation.min_sites",
     "federation.retries", "federation.dp_clip_norm", "federation.dp_noise_multiplier",
     "federation.max_norm_ratio", "federation.max_update_ratio",
     "federation.max_count_ratio", "federation.max_val_drop",

@@ -287,3 +287,27 @@ def test_distilling_synthetic_rows_leaves_the_real_rows_features_free():
     assert torch.allclose(got["terms"]["distill"], expected.detach())
     everything = lever_gradients()["terms"]["distill"]
     assert not torch.allclose(everything, expected.detach())
+
+
+def test_feature_replay_keeps_real_statistics_and_trains_the_head_on_them(
+    experiment, tmp_path
+):
+    """`ci.prototype_weight`: the site keeps each task's feature statistics (never
+    images) and, at the next task, adds the head's cross-entropy on pseudo-features
+    drawn from them."""
+    cfg = tiny_config("class_impression")
+    cfg = cfg.replace(ci=dataclasses.replace(cfg.ci, prototype_weight=1.0))
+    plan = dataclasses.replace(experiment.plan, cfg=cfg)
+    exp = dataclasses.replace(experiment, plan=plan)
+    store = SiteStore(tmp_path / "site")
+    got = run_two_tasks(exp, store, tmp_path / "run")
+    kept = store.get("feature-stats")
+    assert set(kept) == {"sums", "squares", "counts"}  # statistics, no images
+    train = exp.site(0).train(1)  # the site's rows at both tasks, by class
+    first = exp.site(0).train(0)
+    expected = torch.bincount(first.labels, minlength=5) + torch.bincount(
+        train.labels, minlength=4
+    )
+    assert kept["counts"].tolist() == expected.tolist()
+    assert "train_prototype" not in got["tasks"][0]["metrics"]  # nothing old yet
+    assert got["tasks"][1]["metrics"]["train_prototype"] > 0

@@ -1,6 +1,7 @@
 """Class means, BN-statistics matching and Class Impression synthesis."""
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from fl_ci.synthesis import (
     MissingMeanError,
     SynthesisError,
     bn_matching_loss,
+    feature_mean_gap,
     image_l2,
     lr_at,
     synthesize,
@@ -410,3 +412,54 @@ def test_non_finite_loss_stops_with_an_error():
         net[-1].weight.fill_(math.nan)
     with pytest.raises(SynthesisError, match="non-finite"):
         run(net, config=cfg(iterations=3))
+
+
+# ----- matching real feature statistics (synthesis.feature_weight) -----------------
+
+
+def test_feature_mean_gap_hand_value():
+    # class 0's features average (2, 0), its target exactly; class 1's (0, 2)
+    # against (0, 1): relative squared gap 1; the mean over the two classes is 0.5
+    features = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0]])
+    targets = torch.tensor([[2.0, 0.0], [0.0, 1.0], [5.0, 5.0]])  # class 2 absent
+    gap = feature_mean_gap(features, torch.tensor([0, 0, 1]), targets)
+    assert gap.item() == pytest.approx(0.5)
+
+
+class WithFeatures(nn.Module):
+    """The fixture's teacher as the models expose it: features, then the linear head."""
+
+    def __init__(self, net: nn.Sequential) -> None:
+        super().__init__()
+        self.body, self.fc = net[:-1], net[-1]
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)  # [B, 8]
+
+    def forward_all(self, x: torch.Tensor) -> SimpleNamespace:
+        f = self.body(x)
+        return SimpleNamespace(features=f, logits=self.fc(f))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x))
+
+
+def test_feature_weight_pulls_impression_features_towards_the_real_means(teacher):
+    net = WithFeatures(teacher)
+    x, y = bright_channel_batch(60, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        real = net.features(x)  # [60, 8] "real" features
+    targets = torch.stack([real[y == c].mean(0) for c in range(3)])  # [3, 8]
+
+    def gap(weight: float) -> float:
+        config = cfg(iterations=40, feature_weight=weight)
+        images, labels, _ = run(net, config=config, feature_means=targets)
+        with torch.no_grad():
+            return feature_mean_gap(net.features(images), labels, targets).item()
+
+    assert gap(100.0) < 0.5 * gap(0.0)
+
+
+def test_feature_weight_without_feature_means_is_refused(teacher):
+    with pytest.raises(ValueError, match="feature means"):
+        run(teacher, config=cfg(feature_weight=1.0))

@@ -38,9 +38,12 @@ from fl_ci import losses
 from fl_ci.data.base import batches, valid_range
 from fl_ci.methods.base import Batch, SiteContext, SyntheticReplay, model_hash
 from fl_ci.models import IncrementalNet, NetOutput
+from fl_ci.prototypes import FeatureStats, sample_features
 from fl_ci.synthesis import ClassMeans, synthesize
 
 log = logging.getLogger("fl_ci")
+
+FEATURE_STATS_KEY = "feature-stats"  # the site's kept FeatureStats, every task so far
 
 
 def margin_anchors(batch: Batch, num_old: int, mode: str) -> torch.Tensor:
@@ -57,6 +60,17 @@ def margin_anchors(batch: Batch, num_old: int, mode: str) -> torch.Tensor:
     )
 
 
+def keeps_feature_stats(cfg) -> bool:
+    """Whether sites keep real feature statistics (feature replay or matching)."""
+    return cfg.ci.prototype_weight > 0 or cfg.synthesis.feature_weight > 0
+
+
+def kept_feature_stats(ctx: SiteContext) -> FeatureStats | None:
+    """The feature statistics this site kept at earlier tasks, if any."""
+    kept = ctx.store.get(FEATURE_STATS_KEY)
+    return FeatureStats.from_tensors(kept) if kept else None
+
+
 class ClassImpression(SyntheticReplay):
     name = "class_impression"
     data_free = True
@@ -68,6 +82,9 @@ class ClassImpression(SyntheticReplay):
         self.target: losses.CentroidTracker | None = None
         self.class_weights: torch.Tensor | None = None
         self.unlabelled_iter = None
+        # feature replay (`ci.prototype_weight`): old classes' feature mean/std
+        self.prototypes: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.prototype_generator: torch.Generator | None = None
 
     # ----- stage 1: impressions ----------------------------------------------------
     def begin_round(self, model: IncrementalNet, ctx: SiteContext) -> None:
@@ -82,6 +99,29 @@ class ClassImpression(SyntheticReplay):
         counts = torch.bincount(ctx.data.labels, minlength=ctx.num_classes)
         counts += torch.bincount(self.labels, minlength=ctx.num_classes)
         self.class_weights = losses.balance_weights(counts)
+        if self.cfg.ci.prototype_weight > 0:
+            self._load_prototypes(ctx)
+
+    def _load_prototypes(self, ctx: SiteContext) -> None:
+        """The old classes' feature statistics this site kept at earlier tasks."""
+        stats = kept_feature_stats(ctx)
+        have = [c for c in (stats.available() if stats else []) if c < ctx.num_old]
+        missing = sorted(set(range(ctx.num_old)) - set(have))
+        if missing:
+            log.warning(
+                "site %d, task %d: no feature statistics of classes %s; feature "
+                "replay leaves them out",
+                ctx.site,
+                ctx.task,
+                missing,
+            )
+        if not have:
+            return
+        mean, std = stats.mean_std(have)
+        self.prototypes = (mean, std, torch.tensor(have, dtype=torch.long))
+        self.prototype_generator = torch.Generator().manual_seed(
+            ctx.seed * 7919 + ctx.task * 31 + ctx.round * 101 + ctx.site + 17
+        )
 
     def _synthesize(self, ctx: SiteContext) -> dict[str, torch.Tensor]:
         """Impressions of every old class. A class no site shared a mean of (each
@@ -112,22 +152,40 @@ class ClassImpression(SyntheticReplay):
                     ([c for c in old if c in have], scfg, means),
                     (missing, dataclasses.replace(scfg, init="random"), None),
                 ]
+        stats = kept_feature_stats(ctx) if scfg.feature_weight > 0 else None
         seed = ctx.seed * 7919 + ctx.task * 31 + ctx.site
-        parts = [
-            synthesize(
-                ctx.teacher,
-                classes,
-                group_cfg,
-                means=group_means,
-                image_shape=(data.channels, data.size, data.size),
-                bounds=valid_range(data.mean, data.std),
-                device=ctx.device,
-                seed=seed + i,
-                progress=ctx.progress,
+        parts = []
+        for i, (classes, group_cfg, group_means) in enumerate(groups):
+            if not classes:
+                continue
+            feature_means = None
+            if group_cfg.feature_weight > 0:
+                have = set(stats.available()) if stats else set()
+                if set(classes) <= have:
+                    feature_means = stats.mean_std(classes)[0]
+                else:
+                    log.warning(
+                        "site %d, task %d: no feature statistics of classes %s; "
+                        "their impressions are not matched to real features",
+                        ctx.site,
+                        ctx.task,
+                        sorted(set(classes) - have),
+                    )
+                    group_cfg = dataclasses.replace(group_cfg, feature_weight=0.0)
+            parts.append(
+                synthesize(
+                    ctx.teacher,
+                    classes,
+                    group_cfg,
+                    means=group_means,
+                    image_shape=(data.channels, data.size, data.size),
+                    bounds=valid_range(data.mean, data.std),
+                    device=ctx.device,
+                    seed=seed + i,
+                    progress=ctx.progress,
+                    feature_means=feature_means,
+                )
             )
-            for i, (classes, group_cfg, group_means) in enumerate(groups)
-            if classes
-        ]
         images = torch.cat([p.images for p in parts])
         labels = torch.cat([p.labels for p in parts])
         return {"images": images.cpu(), "labels": labels.cpu()}
@@ -224,11 +282,33 @@ class ClassImpression(SyntheticReplay):
             )
             total = total + ci.margin_weight * margin
             terms["margin"] = margin.detach()
+        if ci.prototype_weight > 0 and self.prototypes is not None:
+            mean, std, classes = self.prototypes
+            feats, labels = sample_features(
+                mean, std, classes, len(batch.y), self.prototype_generator
+            )  # [B, D] pseudo-features of old classes
+            _, logits = model.head.forward_scores(feats.to(out.features.device))
+            proto = F.cross_entropy(logits.float(), labels.to(logits.device))
+            total = total + ci.prototype_weight * proto
+            terms["prototype"] = proto.detach()
         if ci.contrastive_weight > 0:
             contras = self._contrastive(model, batch, out, ctx)
             total = total + ci.contrastive_weight * contras
             terms["contrastive"] = contras.detach()
         return total, terms
+
+    def end_task(self, model: IncrementalNet, ctx: SiteContext) -> dict:
+        """Keep the feature statistics of this task's real images (feature replay)."""
+        if not keeps_feature_stats(self.cfg) or not len(ctx.data):
+            return {}
+        new = FeatureStats.from_model(
+            model, ctx.data, ctx.new_classes, ctx.num_classes, ctx.device
+        )
+        kept = ctx.store.get(FEATURE_STATS_KEY)
+        if kept is not None:
+            new = FeatureStats.from_tensors(kept).merge(new)
+        ctx.store.put(FEATURE_STATS_KEY, new.to_tensors())
+        return {}
 
     def _contrastive(self, model, batch: Batch, out: NetOutput, ctx: SiteContext):
         """Eq. (6): source = labelled batch by true label; target = unlabelled batch by

@@ -41,7 +41,7 @@ from fl_ci.config import SynthesisConfig
 from fl_ci.synthesis.bn_stats import BNStatsRecorder
 from fl_ci.synthesis.means import ClassMeans, MissingMeanError
 
-TERMS = ("total", "ce", "bn", "tv", "l2")  # order of the per-step loss vector
+TERMS = ("total", "ce", "bn", "tv", "l2", "feature")  # order of the per-step losses
 _REPORT_EVERY = 50  # steps between host synchronisations (bar, NaN check)
 
 
@@ -94,6 +94,18 @@ def total_variation(x: Tensor, form: str = "per_image") -> Tensor:
     return norms.sum(0).mean()  # [4, B] -> scalar
 
 
+def feature_mean_gap(features: Tensor, labels: Tensor, targets: Tensor) -> Tensor:
+    """Mean over the classes in the batch of ‖m_c − μ_c‖² / ‖μ_c‖², where m_c is the
+    mean of the class's features [B, D] and μ_c = targets[c] [K, D] the mean feature
+    of its real images: the first of CwD's statistics terms (Wang et al. 2024)."""
+    onehot = F.one_hot(labels, targets.shape[0]).float()  # [B, K]
+    counts = onehot.sum(0)  # [K]
+    means = onehot.t() @ features / counts.clamp_min(1)[:, None]  # [K, D]
+    gap = (means - targets).pow(2).sum(1) / targets.pow(2).sum(1).clamp_min(1e-12)
+    present = counts > 0
+    return (gap * present).sum() / present.sum()
+
+
 def image_l2(x: Tensor) -> Tensor:
     """L2 prior: mean_b ‖x_b‖₂ over whole images (unsquared)."""
     return torch.linalg.vector_norm(x.flatten(1), dim=1).mean()
@@ -124,6 +136,7 @@ def synthesize(
     device: torch.device | str | None = None,
     seed: int,
     progress: bool = True,
+    feature_means: Tensor | None = None,
 ) -> Impressions:
     """Class impressions for `classes`: cfg.per_class images each, optimised against
     the frozen teacher (module docstring). Returns (images, labels, report).
@@ -132,7 +145,9 @@ def synthesize(
     ClassMeans indexed by class id; needed for cfg.init == "mean". bounds: per-channel
     (low [C], high [C]) of the normalised input space (`data.base.valid_range`);
     every iterate is clamped to them. device: default the teacher's; the teacher is
-    moved there for the call if needed. Teacher parameters, buffers, train/eval modes
+    moved there for the call if needed. feature_means: [len(classes), D] mean
+    teacher features of each class's real images (fl_ci/prototypes.py); with
+    cfg.feature_weight > 0 each class's impressions are pulled towards it. Teacher parameters, buffers, train/eval modes
     and requires_grad flags are left as they were.
     """
     if not classes or cfg.per_class <= 0:
@@ -167,9 +182,20 @@ def synthesize(
     init = init.clamp(low.view(1, c, 1, 1), high.view(1, c, 1, 1))
 
     target = torch.device(device) if device is not None else _device_of(teacher)
+    targets = None
+    if cfg.feature_weight > 0:
+        if feature_means is None or feature_means.shape[0] != k:
+            raise ValueError(
+                f"synthesis.feature_weight > 0 needs the real feature means of the "
+                f"{k} classes {classes}"
+            )
+        # [max class + 1, D] rows at the class ids, so a label indexes its target
+        targets = torch.zeros(max(classes) + 1, feature_means.shape[1])
+        targets[torch.tensor(classes)] = feature_means.float().cpu()
+        targets = targets.to(target)
     start = time.perf_counter()
     with _frozen(teacher, target), recorder:
-        run = _Runner(teacher, recorder, cfg, target)
+        run = _Runner(teacher, recorder, cfg, target, targets)
         images, initial, final = run.all_chunks(
             init, labels, low, high, generator, progress
         )
@@ -193,6 +219,7 @@ class _Runner:
         recorder: BNStatsRecorder,
         cfg: SynthesisConfig,
         device: torch.device,
+        targets: Tensor | None = None,
     ) -> None:
         self.teacher, self.recorder, self.cfg, self.device = (
             teacher,
@@ -200,6 +227,7 @@ class _Runner:
             cfg,
             device,
         )
+        self.targets = targets  # [K, D] real feature means by class id, or None
         self.cuda = device.type == "cuda"
         self.chunks = 0
         self.compiled: Callable[[Tensor, Tensor], Tensor] | None = None
@@ -207,15 +235,23 @@ class _Runner:
             self.compiled = torch.compile(self._objective)
 
     def _objective(self, x: Tensor, y: Tensor) -> Tensor:
-        """[5] loss terms in TERMS order for jittered images x [B, C, H, W]."""
+        """[6] loss terms in TERMS order for jittered images x [B, C, H, W]."""
         cfg = self.cfg
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
-            logits = self.teacher(x)  # [B, K]
+            if self.targets is None:
+                logits = self.teacher(x)  # [B, K]
+            else:
+                out = self.teacher.forward_all(x)
+                logits = out.logits  # [B, K]
         ce = F.cross_entropy(logits.float(), y)
         bn = self.recorder.loss(cfg.first_bn_weight)
         tv, l2 = total_variation(x, cfg.tv_form), image_l2(x)
         total = ce + cfg.bn_weight * bn + cfg.tv_weight * tv + cfg.l2_weight * l2
-        return torch.stack([total, ce, bn, tv, l2])
+        feature = torch.zeros((), device=x.device)
+        if self.targets is not None:
+            feature = feature_mean_gap(out.features.float(), y, self.targets)
+            total = total + cfg.feature_weight * feature
+        return torch.stack([total, ce, bn, tv, l2, feature])
 
     def _loss_and_grad(self, make_input: Callable[[], Tensor], y: Tensor) -> Tensor:
         if self.compiled is not None:
