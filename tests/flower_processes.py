@@ -1,6 +1,6 @@
 """Helpers shared by the deployment tests: free ports, the Flower environment, waiting
-for a SuperLink to answer, the `flwr` CLI and a run's status, Flower processes started
-with their logs and stopped by PID.
+for a SuperLink to answer, the `flwr` CLI, a run's status and log, Flower processes
+started with their logs and stopped by PID.
 
 Imported as `flower_processes` (pytest puts `tests/` on `sys.path`).
 """
@@ -83,6 +83,19 @@ def flwr_json(env: dict[str, str], cwd: Path, *args: str, timeout: float = 60) -
     )
     assert done.returncode == 0, done.stdout + done.stderr
     return json.loads(done.stdout)
+
+
+def flwr_log(env: dict[str, str], cwd: Path, run_id: int) -> str:
+    """The run's log as the SuperLink keeps it (`flwr log RUN_ID test --show`): what
+    its ServerApp printed, e.g. the bad sites it named."""
+    return subprocess.run(
+        ["flwr", "log", str(run_id), "test", "--show"],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
 
 
 def wait_for_run(

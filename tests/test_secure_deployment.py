@@ -5,13 +5,18 @@ ECDSA P-384 key pair (ssh-keygen): the commands of the README's "A hospital join
 federation". The SuperLink runs with TLS and `--enable-supernode-auth`; only public
 keys registered with `flwr supernode register` may join. Shown here:
 
-- three hospitals, each a SuperNode with a registered key and its own data folder
-  (made by `simulations.export`; one of them also holds pydicom's real ultrasound
-  cine), connect over TLS, appear online under the node ids their keys were
-  registered with, and complete a run whose coordinator holds no data: the accuracy
-  matrix comes from the sites' evaluation, each site reports the rows of its own
-  manifest, and a record of every file opened under the hospitals' folders shows
-  the coordinator's processes opened none and each site only its own;
+- four hospitals, each a SuperNode with a registered key and its own data folder in
+  its node config (folders made by `simulations.export`), connect over TLS, appear
+  online under the node ids their keys were registered with, and complete one run
+  (`study_run`, read by the tests after it) whose coordinator holds no data. Three
+  of them bring a bad site each, one problem a site: hospital 0's manifest has a row
+  whose view is not in the study, hospital 2's a corrupt cine, and hospital 3's node
+  config names a folder that does not exist; hospital 1 also holds pydicom's real
+  ultrasound cine. Each bad site is named in the server's log and the run completes
+  with the others: the accuracy matrix comes from the sites' evaluation, each site
+  reports the rows of its own manifest less its bad one, and a record of every file
+  opened under the hospitals' folders shows the coordinator's processes opened none
+  and each site only its own;
 - a SuperNode with an unregistered key, or with none, is refused and exits non-zero;
 - a SuperNode without TLS (`--insecure`), or one that does not trust the SuperLink's
   certificate, never reaches it, even with a registered key; a SuperNode given a key
@@ -34,6 +39,7 @@ from flower_processes import (
     FlowerProcesses,
     flower_env,
     flwr_json,
+    flwr_log,
     free_port,
     wait_for_run,
     wait_healthy,
@@ -48,7 +54,7 @@ from hospitals import (
 from pydicom.data import get_testdata_file
 
 REPO = Path(__file__).resolve().parents[1]
-HOSPITALS = ("hospital-0", "hospital-1", "hospital-2")
+HOSPITALS = ("hospital-0", "hospital-1", "hospital-2", "hospital-3")
 OPEN_AUDIT = Path(__file__).parent / "open_audit"  # sitecustomize: logs file opens
 
 pytestmark = [
@@ -102,6 +108,18 @@ def _make_key(folder: Path, name: str) -> Path:
     """`name` (private, OpenSSH format) and `name.pub`; returns the private key."""
     _sh(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", name], folder)
     return folder / name
+
+
+def open_audit(log: Path, watch: Path, who: str) -> dict[str, str]:
+    """The environment that makes a process (and those it starts) log every file it
+    opens under `watch` to `log` as `who` (tests/open_audit/sitecustomize.py)."""
+    path = os.environ.get("PYTHONPATH", "")
+    return {
+        "PYTHONPATH": f"{OPEN_AUDIT}{os.pathsep}{path}" if path else str(OPEN_AUDIT),
+        "FL_CI_OPEN_LOG": str(log),
+        "FL_CI_OPEN_WATCH": str(watch),
+        "FL_CI_OPEN_WHO": who,
+    }
 
 
 @dataclass
@@ -198,25 +216,46 @@ def test_superlink_refuses_plain_http(federation):
         httpx.get(f"http://127.0.0.1:{federation.port}/health", timeout=5.0)
 
 
-def open_audit(log: Path, watch: Path, who: str) -> dict[str, str]:
-    """The environment that makes a process (and those it starts) log every file it
-    opens under `watch` to `log` as `who` (tests/open_audit/sitecustomize.py)."""
-    path = os.environ.get("PYTHONPATH", "")
-    return {
-        "PYTHONPATH": f"{OPEN_AUDIT}{os.pathsep}{path}" if path else str(OPEN_AUDIT),
-        "FL_CI_OPEN_LOG": str(log),
-        "FL_CI_OPEN_WATCH": str(watch),
-        "FL_CI_OPEN_WHO": who,
-    }
+@dataclass
+class StudyRun:
+    """What the four hospitals' run left: its status, the server's log, the summary
+    and the files each process opened under the hospitals' folders."""
+
+    folders: dict[int, Path]  # site -> the data-root its node config names
+    procs: FlowerProcesses  # the hospitals' SuperNodes (stopped), for their logs
+    status: str
+    log: str  # the server's log, as `flwr log` shows it
+    summary: dict
+    opened: dict[str, set[str]]  # who -> resolved paths opened under the folders
 
 
-def test_hospitals_with_their_own_data_join_over_tls_and_complete_a_run(federation):
+# what each hospital brings to the run
+A5C_ROW = "cines/extra.npz,A5C,p9000,scanner-0"  # hospital 0: a view not in the study
+REAL_DICOM_ROW = "real.dcm,A4C,real-patient-1,real-scanner"  # hospital 1: a real cine
+CORRUPT_ROW = "cines/corrupt.npz,A2C,p9002,scanner-2"  # hospital 2: a corrupt cine
+SKIPPED = {0: 1, 1: 0, 2: 1}  # bad rows each hospital with data leaves out
+
+
+@pytest.fixture(scope="module")
+def study_run(federation) -> StudyRun:
+    """One run of the tiny study by the four hospitals (module docstring), their
+    SuperNodes started with a registered key over TLS and stopped by PID after it;
+    hospital 3's node config names a folder that does not exist."""
     fed = federation
     data = fed.root / "hospitals"
-    study = export_hospitals(data, sites=3)
-    # hospital 1 also holds pydicom's real ultrasound cine (30 frames, YBR colour)
+    study = export_hospitals(data, sites=4)
+    add_manifest_rows(data / "site-0", [A5C_ROW])
+    shutil.copy(
+        next((data / "site-0/cines").glob("*.npz")), data / "site-0/cines/extra.npz"
+    )
+    # pydicom's real ultrasound cine (30 frames, YBR colour)
     shutil.copy(get_testdata_file("examples_ybr_color.dcm"), data / "site-1/real.dcm")
-    add_manifest_rows(data / "site-1", ["real.dcm,A4C,real-patient-1,real-scanner"])
+    add_manifest_rows(data / "site-1", [REAL_DICOM_ROW])
+    (data / "site-2/cines/corrupt.npz").write_bytes(b"not a cine")
+    add_manifest_rows(data / "site-2", [CORRUPT_ROW])
+    shutil.rmtree(data / "site-3")  # hospital 3's folder is gone
+    folders = {site: data / f"site-{site}" for site in range(len(HOSPITALS))}
+
     procs = FlowerProcesses(fed.root / "joins")
     try:
         nodes = {}
@@ -228,7 +267,7 @@ def test_hospitals_with_their_own_data_join_over_tls_and_complete_a_run(federati
                 str(fed.certs / "ca.crt"),
                 "--auth-supernode-private-key",
                 str(fed.keys / name),
-                node_config=f"data-root='{data / f'site-{site}'}' site-id={site}",
+                node_config=f"data-root='{folders[site]}' site-id={site}",
                 env=open_audit(fed.root / "opened.tsv", data, name),
             )
         deadline = time.time() + 60
@@ -237,8 +276,6 @@ def test_hospitals_with_their_own_data_join_over_tls_and_complete_a_run(federati
                 assert node.poll() is None, procs.log(name)
             assert time.time() < deadline, "registered SuperNodes never came online"
             time.sleep(1)
-        for name in HOSPITALS:
-            assert f"SuperNode ID: {fed.registered[name]}" in procs.log(name)
 
         out = fed.root / "run-out"
         config = run_config_file(
@@ -248,27 +285,71 @@ def test_hospitals_with_their_own_data_join_over_tls_and_complete_a_run(federati
         run = wait_for_run(
             fed.cli, fed.root, started["run-id"], procs, 480, done=out / "report.html"
         )
-        assert run["status"] == "finished:completed", (run, procs.log("hospital-1"))
+        log = flwr_log(fed.cli, fed.root, started["run-id"])
     finally:
         procs.stop()
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["sites"] == 3 and summary["tasks_completed"] == 2
-    assert summary["evaluation"] == "sites"  # the coordinator has no test set
-    assert set(summary["site_accuracy"]) == {"0", "1", "2"}
-    for site in range(3):  # every row of its own manifest, none of another's
-        rows = summary["sites_data"][str(site)]
-        held = rows["train"] + rows["val"] + rows["test"]
-        assert held == manifest_rows(data / f"site-{site}"), (site, rows)
+    assert all(p.poll() is not None for p in procs.procs)
+    summary = out / "summary.json"
     opened: dict[str, set[str]] = {}
     for line in (fed.root / "opened.tsv").read_text().splitlines():
         who, path = line.split("\t", 1)
         opened.setdefault(who, set()).add(path)
+    return StudyRun(
+        folders,
+        procs,
+        run["status"],
+        log,
+        json.loads(summary.read_text()) if summary.exists() else {},
+        opened,
+    )
+
+
+def test_hospitals_come_online_under_their_registered_node_ids(federation, study_run):
+    for name in HOSPITALS:
+        node_id = federation.registered[name]
+        assert f"SuperNode ID: {node_id}" in study_run.procs.log(name), name
+
+
+def test_the_run_completes_with_a_coordinator_that_holds_no_data(study_run):
+    assert study_run.status == "finished:completed", study_run.log[-3000:]
+    summary = study_run.summary
+    assert summary["sites"] == 4 and summary["tasks_completed"] == 2
+    assert summary["evaluation"] == "sites"  # the coordinator has no test set
+    # the accuracy matrix comes from the three hospitals with data
+    assert set(summary["site_accuracy"]) == {"0", "1", "2"}
+
+
+def test_each_bad_site_is_named_in_the_servers_log(study_run):
+    """With its file, its row's view or its node config key."""
+    log = study_run.log
+    assert "site 0 left out 1 bad data item(s)" in log and "'A5C'" in log, log[-3000:]
+    assert "site 2 left out 1 bad data item(s)" in log and "corrupt.npz" in log
+    assert "site 3: site reported: DataError: node config key 'data-root'" in log
+    assert "site 1 left out" not in log
+
+
+def test_each_site_reports_the_rows_of_its_own_manifest_less_its_bad_ones(study_run):
+    """Every row of its own manifest, none of another's; hospital 1's real DICOM
+    cine among them. Hospital 3, with no folder, reports none."""
+    sites_data = study_run.summary["sites_data"]
+    assert set(sites_data) == {"0", "1", "2"}
+    for site, skipped in SKIPPED.items():
+        rows = sites_data[str(site)]
+        held = rows["train"] + rows["val"] + rows["test"]
+        expected = manifest_rows(study_run.folders[site]) - skipped
+        assert held == expected and rows["skipped"] == skipped, (site, rows)
+
+
+def test_the_coordinator_opens_no_site_file_and_each_site_only_its_own(study_run):
+    opened = study_run.opened
     assert "coordinator" not in opened, sorted(opened.get("coordinator", []))[:5]
-    for site, name in enumerate(HOSPITALS):
-        own = str((data / f"site-{site}").resolve())
+    for site, name in enumerate(HOSPITALS[:3]):
+        own = str(study_run.folders[site].resolve())
         assert opened.get(name), f"{name} opened none of its files"
         assert all(p.startswith(own + os.sep) for p in opened[name]), name
-    assert str((data / "site-1/real.dcm").resolve()) in opened["hospital-1"]
+    assert "hospital-3" not in opened  # its folder does not exist
+    real = study_run.folders[1] / "real.dcm"
+    assert str(real.resolve()) in opened["hospital-1"]
 
 
 @pytest.mark.parametrize(
