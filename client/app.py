@@ -198,6 +198,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """The global model on this site's own held-out patients: per-class counts."""
     cfg, _, at = P.read_config(msg.content[P.CONFIG])
+    site = -1  # until the node config has given the site's number
     try:
         site = site_number(context)
         data = site_data(cfg, context)
@@ -205,7 +206,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         counts = evaluate_site(data, model, at.task, at.splits)
     except (DataError, ConfigError, ValueError, RuntimeError) as err:
         log.error("evaluation at task %d: %s", at.task, err)
-        return problem_reply(msg, -1, f"{type(err).__name__}: {err}")
+        return problem_reply(msg, site, f"{type(err).__name__}: {err}")
     content = RecordDict(
         {
             P.COUNTS: P.counts_record(counts),

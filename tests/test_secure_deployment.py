@@ -325,6 +325,8 @@ def test_each_bad_site_is_named_in_the_servers_log(study_run):
     assert "site 0 left out 1 bad data item(s)" in log and "'A5C'" in log, log[-3000:]
     assert "site 2 left out 1 bad data item(s)" in log and "corrupt.npz" in log
     assert "site 3: site reported: DataError: node config key 'data-root'" in log
+    # its evaluation reply names it too, not as site -1
+    assert "evaluation: site 3 reported: DataError: node config key" in log
     assert "site 1 left out" not in log
 
 
