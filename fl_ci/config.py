@@ -140,6 +140,11 @@ class ClassImpressionConfig:
     # from each old class's real feature statistics (fl_ci/prototypes.py, PASS), so
     # the new class's row learns where the real old images lie
     prototype_weight: float = 0.0
+    # steps (0: none) of training the new head rows alone, at the end of each task,
+    # on pseudo-features of every class from the kept statistics, old and new alike
+    # (SLCA's classifier alignment), with SGD at this learning rate
+    calibration_steps: int = 0
+    calibration_lr: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -352,7 +357,8 @@ _NON_NEGATIVE = {
     "synthesis.min_mean_count", "synthesis.mean_noise_std", "ci.margin_weight",
     "synthesis.feature_weight",
     "ci.contrastive_weight", "ci.top_k", "ci.head_align_weight",
-    "ci.logit_distill_weight", "ci.prototype_weight", "federation.min_sites",
+    "ci.logit_distill_weight", "ci.prototype_weight", "ci.calibration_steps",
+    "ci.calibration_lr", "federation.min_sites",
     "federation.retries", "federation.dp_clip_norm", "federation.dp_noise_multiplier",
     "federation.max_norm_ratio", "federation.max_update_ratio",
     "federation.max_count_ratio", "federation.max_val_drop",

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fl_ci.data.base import ImageData, batches
@@ -120,3 +121,34 @@ def sample_features(
     pick = torch.randint(0, len(classes), (n,), generator=generator)  # [n]
     eps = torch.randn(n, mean.shape[1], generator=generator)  # [n, D]
     return mean[pick] + std[pick] * eps, classes[pick]
+
+
+def calibrate_head(
+    head: torch.nn.Module,
+    mean: Tensor,
+    std: Tensor,
+    classes: Tensor,
+    *,
+    steps: int,
+    lr: float,
+    generator: torch.Generator,
+    batch_size: int = 256,
+) -> float:
+    """Train the head's new-class rows alone on pseudo-features of every class in
+    `classes`, drawn evenly from N(mean_c, diag std_c^2) [C, D] (classifier
+    alignment on Gaussian class statistics: SLCA, Zhang et al. ICCV 2023; FeTrIL).
+    Old and new classes are treated alike, so no "real versus synthetic" cue is
+    left to the head. The old rows and the scale stay as they are. Returns the last
+    step's loss."""
+    weight = head.new_weight
+    opt = torch.optim.SGD([weight], lr=lr, momentum=0.9)
+    loss = torch.zeros(())
+    for _ in range(steps):
+        x, y = sample_features(mean, std, classes, batch_size, generator)
+        _, logits = head.forward_scores(x.to(weight.device))  # [B, K]
+        loss = F.cross_entropy(logits.float(), y.to(weight.device))
+        # only the new rows' gradient: nothing reaches the old rows or the scale
+        (weight.grad,) = torch.autograd.grad(loss, weight)
+        opt.step()
+    weight.grad = None
+    return float(loss.detach())

@@ -64,6 +64,15 @@ def ablation_overrides(variant: str) -> dict[str, Any]:
         "augment_impressions": {"ci.augment_impressions": True},
         "lr_peak": {"synthesis.lr_peak": 0.4},
         "lr_peak_augment": {"synthesis.lr_peak": 0.4, "ci.augment_impressions": True},
+        # from the real feature statistics each site keeps (fl_ci/prototypes.py)
+        "feature_replay": {"ci.prototype_weight": 1.0},
+        "feature_replay_light": {"ci.prototype_weight": 0.1},
+        "feature_replay_free": {
+            "ci.prototype_weight": 1.0,
+            "ci.distill_rows": "synthetic",
+        },
+        "feature_match": {"synthesis.feature_weight": 10.0},
+        "more_impressions": {"synthesis.per_class": 80},
     }
     if variant not in table:
         raise ConfigError(

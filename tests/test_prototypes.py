@@ -63,3 +63,31 @@ def test_statistics_of_a_model_are_those_of_its_features():
     assert got.counts.tolist() == [0, 3, 0]
     assert torch.allclose(got.sums[1], f.sum(0))
     assert torch.allclose(got.squares[1], (f * f).sum(0))
+
+
+def test_calibration_moves_only_the_new_rows_and_separates_the_classes():
+    # two old classes along x and y, a new class along the diagonal, whose row
+    # starts on top of old class 0's
+    from fl_ci.models.heads import CosineHead
+    from fl_ci.prototypes import calibrate_head
+
+    head = CosineHead(2, 2, scale=10.0)
+    with torch.no_grad():
+        head.new_weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    head.grow(1, torch.tensor([[1.0, 0.0]]))  # the two rows become the old ones
+    assert head.num_old == 2 and head.num_classes == 3
+    old, eta = head.old_weight.detach().clone(), head.eta.detach().clone()
+    mean = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    std = torch.full((3, 2), 0.05)
+    calibrate_head(
+        head,
+        mean,
+        std,
+        torch.arange(3),
+        steps=100,
+        lr=0.5,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert torch.equal(head.old_weight, old) and torch.equal(head.eta, eta)
+    predicted = head(mean).argmax(1)  # [3] each class mean to its own row
+    assert predicted.tolist() == [0, 1, 2]

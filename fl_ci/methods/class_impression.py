@@ -38,7 +38,7 @@ from fl_ci import losses
 from fl_ci.data.base import batches, valid_range
 from fl_ci.methods.base import Batch, SiteContext, SyntheticReplay, model_hash
 from fl_ci.models import IncrementalNet, NetOutput
-from fl_ci.prototypes import FeatureStats, sample_features
+from fl_ci.prototypes import FeatureStats, calibrate_head, sample_features
 from fl_ci.synthesis import ClassMeans, synthesize
 
 log = logging.getLogger("fl_ci")
@@ -62,7 +62,11 @@ def margin_anchors(batch: Batch, num_old: int, mode: str) -> torch.Tensor:
 
 def keeps_feature_stats(cfg) -> bool:
     """Whether sites keep real feature statistics (feature replay or matching)."""
-    return cfg.ci.prototype_weight > 0 or cfg.synthesis.feature_weight > 0
+    return (
+        cfg.ci.prototype_weight > 0
+        or cfg.synthesis.feature_weight > 0
+        or cfg.ci.calibration_steps > 0
+    )
 
 
 def kept_feature_stats(ctx: SiteContext) -> FeatureStats | None:
@@ -301,14 +305,31 @@ class ClassImpression(SyntheticReplay):
         """Keep the feature statistics of this task's real images (feature replay)."""
         if not keeps_feature_stats(self.cfg) or not len(ctx.data):
             return {}
-        new = FeatureStats.from_model(
+        stats = FeatureStats.from_model(
             model, ctx.data, ctx.new_classes, ctx.num_classes, ctx.device
         )
-        kept = ctx.store.get(FEATURE_STATS_KEY)
+        kept = kept_feature_stats(ctx)
         if kept is not None:
-            new = FeatureStats.from_tensors(kept).merge(new)
-        ctx.store.put(FEATURE_STATS_KEY, new.to_tensors())
-        return {}
+            stats = kept.merge(stats)
+        metrics = {}
+        ci = self.cfg.ci
+        if ci.calibration_steps > 0 and ctx.teacher is not None:
+            classes = [c for c in stats.available() if c < ctx.num_classes]
+            mean, std = stats.mean_std(classes)
+            generator = torch.Generator().manual_seed(
+                ctx.seed * 7919 + ctx.task * 31 + ctx.site + 29
+            )
+            metrics["calibration_loss"] = calibrate_head(
+                model.head,
+                mean,
+                std,
+                torch.tensor(classes, dtype=torch.long),
+                steps=ci.calibration_steps,
+                lr=ci.calibration_lr,
+                generator=generator,
+            )
+        ctx.store.put(FEATURE_STATS_KEY, stats.to_tensors())
+        return metrics
 
     def _contrastive(self, model, batch: Batch, out: NetOutput, ctx: SiteContext):
         """Eq. (6): source = labelled batch by true label; target = unlabelled batch by
