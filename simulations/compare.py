@@ -73,6 +73,11 @@ def ablation_overrides(variant: str) -> dict[str, Any]:
         },
         "feature_match": {"synthesis.feature_weight": 10.0},
         "more_impressions": {"synthesis.per_class": 80},
+        "calibrate": {"ci.calibration_steps": 200},
+        "feature_match_calibrate": {
+            "synthesis.feature_weight": 10.0,
+            "ci.calibration_steps": 200,
+        },
     }
     if variant not in table:
         raise ConfigError(
