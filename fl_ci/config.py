@@ -45,6 +45,10 @@ class DataConfig:
     devices: int = 3
     cines_per_view: int = 1  # cines of each view per patient
     frames: int = 8  # frames per cine
+    # > 0: the validation split is a cohort of its own, this many other patients per
+    # device on the same devices, so that selection can resolve a few points; the
+    # training and test patients stay as they are (the val_fraction share goes unused)
+    val_patients: int = 0
     download: bool = False  # CIFAR-100: fetch the official archive when root is empty
 
 
@@ -352,7 +356,7 @@ _POSITIVE = {
 }  # fmt: skip
 _NON_NEGATIVE = {
     "local_epochs", "init_classes", "lr", "weight_decay", "momentum",
-    "data.max_per_class", "data.image_size", "synthesis.batch_size", "synthesis.lr",
+    "data.max_per_class", "data.image_size", "data.val_patients", "synthesis.batch_size", "synthesis.lr",
     "synthesis.warmup", "synthesis.init_noise", "synthesis.jitter",
     "synthesis.min_mean_count", "synthesis.mean_noise_std", "ci.margin_weight",
     "synthesis.feature_weight",

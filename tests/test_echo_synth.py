@@ -97,3 +97,49 @@ def test_split_by_patient_is_disjoint_and_complete(small) -> None:
 def test_bad_arguments_are_rejected() -> None:
     with pytest.raises(ValueError, match="patients"):
         make_echo_synth(patients=0)
+
+
+# ----- a validation cohort (data.val_patients) -----------------------------------------
+def _hist(data, device: int) -> torch.Tensor:
+    h = torch.bincount(data.frames[data.devices == device].flatten().long(), None, 256)
+    return h.double() / h.sum()
+
+
+def test_a_cohort_is_other_patients_on_the_same_devices(small) -> None:
+    cohort = make_echo_synth(**SMALL, seed=0, cohort=1)
+    assert not torch.equal(cohort.frames, small.frames)
+    assert torch.equal(cohort.frames, make_echo_synth(**SMALL, seed=0, cohort=1).frames)
+    for d in range(3):
+        same = 0.5 * (_hist(cohort, d) - _hist(small, d)).abs().sum()
+        others = [
+            0.5 * (_hist(cohort, d) - _hist(small, e)).abs().sum() for e in range(3)
+        ]
+        assert same == min(others)  # each device looks most like itself
+
+
+def _splits(**data):
+    from fl_ci.config import Config
+    from fl_ci.data.registry import load_splits
+
+    base = {"patients": 6, "devices": 2, "frames": 2, "image_size": 16}
+    cfg = Config.from_dict({"dataset": "echo-synth", "data": {**base, **data}})
+    return load_splits(cfg, list(ECHO_VIEWS), list(range(5)))
+
+
+def test_a_validation_cohort_leaves_training_and_test_as_they_were() -> None:
+    before, after = _splits(), _splits(val_patients=4)
+    assert torch.equal(before.train.frames, after.train.frames)
+    assert torch.equal(before.test.frames, after.test.frames)
+    assert len(after.val) == 4 * 2 * 5  # patients per device x devices x views
+    assert after.val.mean == after.train.mean  # the study's normalisation
+    held = set(after.train.patients.tolist()) | set(after.test.patients.tolist())
+    assert not held & set(after.val.patients.tolist())
+
+
+def test_a_validation_cohort_is_refused_outside_the_procedural_echo() -> None:
+    from fl_ci.config import Config, ConfigError
+    from fl_ci.data.registry import load_splits
+
+    cfg = Config.from_dict({"dataset": "cifar100", "data": {"val_patients": 4}})
+    with pytest.raises(ConfigError, match="data.val_patients"):
+        load_splits(cfg, ["apple"], [0])

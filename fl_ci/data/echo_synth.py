@@ -164,12 +164,15 @@ def make_echo_synth(
     frames: int = 8,
     image_size: int = 64,
     seed: int = 0,
+    cohort: int = 0,
 ) -> ImageData:
     """Procedural echo cines of the five `ECHO_VIEWS`, fully determined by `seed`.
 
     `patients` per device (ids unique across devices: device d holds patients
     d*patients .. (d+1)*patients-1), each with `cines_per_view` cines of every view.
     Rows are ordered device, patient, view, cine. mean/std come from the render.
+    `cohort` k >= 1 draws other patients, seen on the same `seed`'s devices (a
+    validation cohort); cohort 0 is the study's own.
     """
     if min(patients, devices, cines_per_view, frames) < 1 or image_size < 8:
         raise ValueError(
@@ -177,8 +180,11 @@ def make_echo_synth(
             f"got {patients}, {devices}, {cines_per_view}, {frames}, {image_size}"
         )
     rng = np.random.default_rng(seed)
-    gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-    dev = _device_params(devices, rng)
+    patient_seed = int(rng.integers(2**62))
+    dev = _device_params(devices, rng)  # after the draw above: cohorts share devices
+    if cohort:
+        patient_seed = int(np.random.default_rng([seed, cohort]).integers(2**62))
+    gen = torch.Generator().manual_seed(patient_seed)
     views = len(ECHO_VIEWS)
     per_device = patients * views * cines_per_view
     n = devices * per_device

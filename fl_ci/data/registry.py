@@ -117,24 +117,40 @@ def _load_echo(cfg: Config, root: str, names: list[str]) -> Splits:
     return _split_patients(cfg, data, skipped=list(data.skipped))
 
 
-def render_echo_synth(cfg: Config) -> ImageData:
+def render_echo_synth(cfg: Config, cohort: int = 0) -> ImageData:
     """The procedural echo cines of a study's config (`data.*`, `seed`): the one
-    place that maps config keys to the renderer."""
+    place that maps config keys to the renderer. `cohort` 1 is the validation
+    cohort of `data.val_patients` patients per device."""
     from fl_ci.data.echo_synth import make_echo_synth
 
     d = cfg.data
     return make_echo_synth(
-        patients=d.patients,
+        patients=d.val_patients if cohort else d.patients,
         devices=d.devices,
         cines_per_view=d.cines_per_view,
         frames=d.frames,
         image_size=d.image_size or 64,
         seed=cfg.seed,
+        cohort=cohort,
     )
 
 
 def _load_echo_synth(cfg: Config, root: str, names: list[str]) -> Splits:
-    return _split_patients(cfg, _by_names(render_echo_synth(cfg), names))
+    splits = _split_patients(cfg, _by_names(render_echo_synth(cfg), names))
+    if not cfg.data.val_patients:
+        return splits
+    cohort = _by_names(render_echo_synth(cfg, cohort=1), names)
+    val = replace(
+        cohort,
+        # ids after the study's own, so no patient id is in two splits; the study's
+        # normalisation, not the cohort's own render statistics
+        patients=cohort.patients + cfg.data.devices * cfg.data.patients,
+        mean=splits.train.mean,
+        std=splits.train.std,
+    )
+    if cfg.data.max_per_class:
+        val = first_per_class(val, cfg.data.max_per_class)
+    return replace(splits, val=val)
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -237,6 +253,11 @@ def load_splits(
             "data must stay labelled"
         )
     spec = dataset_spec(cfg.dataset)
+    if cfg.data.val_patients and spec.name != "echo-synth":
+        raise ConfigError(
+            "config key 'data.val_patients' renders a validation cohort of the "
+            f"procedural echo only (dataset 'echo-synth'), not {cfg.dataset!r}"
+        )
     raw = spec.load(cfg, cfg.data.root if root is None else root, names)
     norm = normalization(cfg)
     parts = (raw.train, raw.val, raw.test, raw.unlabelled)
