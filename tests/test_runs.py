@@ -90,3 +90,28 @@ def test_two_sites_through_flower_simulation(tmp_path):
     # each site kept its own impressions for task 1
     for site in (0, 1):
         assert list((tmp_path / f"sites/site-{site}").glob("impressions-task1-*.pt"))
+
+
+@pytest.mark.slow
+def test_a_validation_cohort_changes_validation_only(tmp_path):
+    """data.val_patients replaces the validation split and nothing else: the same
+    training, so the test metrics are identical and only the val ones move."""
+    from simulations.local import run_local
+
+    runs = {}
+    for cohort in (0, 5):
+        cfg = Config.from_dict(
+            {**TINY, "data": {**TINY["data"], "val_patients": cohort}}
+        )
+        runs[cohort] = run_local(cfg, tmp_path / f"cohort-{cohort}", progress=False)
+    # the test split's matrix (nan where a task is not yet seen)
+    assert str(runs[0]["accuracy_matrix"]) == str(runs[5]["accuracy_matrix"])
+    assert runs[0]["final_accuracy"] == runs[5]["final_accuracy"]
+    val = {
+        c: pq.read_table(tmp_path / f"cohort-{c}" / "metrics.parquet")
+        .to_pandas()
+        .query("split == 'val'")
+        for c in runs
+    }
+    assert len(val[0]) == len(val[5])
+    assert not val[0]["accuracy"].equals(val[5]["accuracy"])
