@@ -154,6 +154,11 @@ def measure(
             ids,
             cfg,
             means=means,
+            # the default matches the impressions' features to kept real means:
+            # any target costs the same
+            feature_means=torch.randn(classes, teacher.feature_dim)
+            if cfg.feature_weight > 0
+            else None,
             image_shape=IMAGE_SHAPE,
             bounds=bounds,
             device=device,

@@ -83,8 +83,9 @@ class SynthesisConfig:
     tv_form: str = "per_image"
     l2_weight: float = 1e-2  # a_l2
     # pull each class's mean teacher feature towards that of its real images, kept
-    # by the sites (fl_ci/prototypes.py; CwD's statistics, Wang et al. 2024)
-    feature_weight: float = 0.0
+    # by the sites (fl_ci/prototypes.py; CwD's statistics, Wang et al. 2024); 10 won
+    # on validation (docs/results.md, "A validation split that can select"); 0: off
+    feature_weight: float = 10.0
     jitter: int = 0  # random roll in pixels (0: about image_size / 16)
     flip: bool = True
     compile: bool = False  # torch.compile the synthesis step (CUDA only)

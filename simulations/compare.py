@@ -71,7 +71,8 @@ def ablation_overrides(variant: str) -> dict[str, Any]:
             "ci.prototype_weight": 1.0,
             "ci.distill_rows": "synthetic",
         },
-        "feature_match": {"synthesis.feature_weight": 10.0},
+        "feature_match": {"synthesis.feature_weight": 10.0},  # the default since
+        "no_feature_match": {"synthesis.feature_weight": 0.0},
         "more_impressions": {"synthesis.per_class": 80},
         "calibrate": {"ci.calibration_steps": 200},
         "feature_match_calibrate": {

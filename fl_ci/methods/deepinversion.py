@@ -2,8 +2,9 @@
 baseline.
 
 Per task: invert the frozen teacher into images of every old class from random noise
-(`fl_ci.synthesis.synthesize` with `synthesis.init = "random"`, all other synthesis
-knobs shared with Class Impression), cached in the site's store keyed by task and
+(`fl_ci.synthesis.synthesize` with `synthesis.init = "random"` and no feature
+matching, `synthesis.feature_weight = 0`; the other synthesis knobs shared with Class
+Impression), cached in the site's store keyed by task and
 teacher hash. Training mixes `baselines.synthetic_ratio` synthetic rows into each
 batch with
     L = CE(z(x), y) on the real rows + kd_weight · KD_pad(z(x̂), z*(x̂)) on the synthetic,
@@ -56,7 +57,11 @@ class DeepInversion(SyntheticReplay):
         key = f"deepinversion-task{ctx.task}-{model_hash(ctx.teacher)}"
         cached = ctx.store.get(key)
         if cached is None:
-            scfg = dataclasses.replace(self.cfg.synthesis, init="random")
+            # DeepInversion as published: from noise, and no real feature statistics
+            # kept (synthesis.feature_weight is Class Impression's)
+            scfg = dataclasses.replace(
+                self.cfg.synthesis, init="random", feature_weight=0.0
+            )
             data = ctx.data
             images, labels, _ = synthesize(
                 ctx.teacher,
