@@ -357,7 +357,8 @@ _POSITIVE = {
 }  # fmt: skip
 _NON_NEGATIVE = {
     "local_epochs", "init_classes", "lr", "weight_decay", "momentum",
-    "data.max_per_class", "data.image_size", "data.val_patients", "synthesis.batch_size", "synthesis.lr",
+    "data.max_per_class", "data.image_size", "data.val_patients",
+    "synthesis.batch_size", "synthesis.lr",
     "synthesis.warmup", "synthesis.init_noise", "synthesis.jitter",
     "synthesis.min_mean_count", "synthesis.mean_noise_std", "ci.margin_weight",
     "synthesis.feature_weight",

@@ -72,11 +72,14 @@ def test_outside_the_sector_is_black(small) -> None:
     assert small.frames[..., 12, 12].float().mean() > 10
 
 
+def _hist(data, device: int) -> torch.Tensor:
+    """Pixel-value histogram [256] of one device's frames, summing to 1."""
+    h = torch.bincount(data.frames[data.devices == device].flatten().long(), None, 256)
+    return h.double() / h.sum()
+
+
 def test_devices_differ_in_intensity_distribution(small) -> None:
-    hists = []
-    for d in range(3):
-        h = torch.bincount(small.frames[small.devices == d].flatten().long(), None, 256)
-        hists.append(h.double() / h.sum())
+    hists = [_hist(small, d) for d in range(3)]
     for i in range(3):
         for j in range(i + 1, 3):
             assert 0.5 * (hists[i] - hists[j]).abs().sum() > 0.05  # total variation
@@ -100,11 +103,6 @@ def test_bad_arguments_are_rejected() -> None:
 
 
 # ----- a validation cohort (data.val_patients) -----------------------------------------
-def _hist(data, device: int) -> torch.Tensor:
-    h = torch.bincount(data.frames[data.devices == device].flatten().long(), None, 256)
-    return h.double() / h.sum()
-
-
 def test_a_cohort_is_other_patients_on_the_same_devices(small) -> None:
     cohort = make_echo_synth(**SMALL, seed=0, cohort=1)
     assert not torch.equal(cohort.frames, small.frames)

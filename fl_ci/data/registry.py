@@ -136,21 +136,19 @@ def render_echo_synth(cfg: Config, cohort: int = 0) -> ImageData:
 
 
 def _load_echo_synth(cfg: Config, root: str, names: list[str]) -> Splits:
-    splits = _split_patients(cfg, _by_names(render_echo_synth(cfg), names))
+    data = _by_names(render_echo_synth(cfg), names)
     if not cfg.data.val_patients:
-        return splits
+        return _split_patients(cfg, data)
     cohort = _by_names(render_echo_synth(cfg, cohort=1), names)
     val = replace(
         cohort,
         # ids after the study's own, so no patient id is in two splits; the study's
         # normalisation, not the cohort's own render statistics
         patients=cohort.patients + cfg.data.devices * cfg.data.patients,
-        mean=splits.train.mean,
-        std=splits.train.std,
+        mean=data.mean,
+        std=data.std,
     )
-    if cfg.data.max_per_class:
-        val = first_per_class(val, cfg.data.max_per_class)
-    return replace(splits, val=val)
+    return _split_patients(cfg, data, val=val)
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -294,9 +292,12 @@ def _by_names(data: ImageData, names: list[str]) -> ImageData:
     )
 
 
-def _split_patients(cfg: Config, data: ImageData, skipped=None) -> Splits:
+def _split_patients(
+    cfg: Config, data: ImageData, skipped=None, val: ImageData | None = None
+) -> Splits:
     """Echo data split by patient into train / val / test (seeded; no patient in two
-    splits), then the unlabelled exams and the per-class cap."""
+    splits), then the unlabelled exams and the per-class cap. `val`, a validation
+    cohort of its own, replaces the val share (whose patients then go unused)."""
     from fl_ci.data.echo import split_by_patient
 
     d = cfg.data
@@ -305,11 +306,12 @@ def _split_patients(cfg: Config, data: ImageData, skipped=None) -> Splits:
             f"config key 'data.val_fraction' = {d.val_fraction} leaves no training "
             f"patients beside the {TEST_SHARE:.0%} test share"
         )
-    train, val, test = split_by_patient(
+    train, share, test = split_by_patient(
         data,
         (1 - d.val_fraction - TEST_SHARE, d.val_fraction, TEST_SHARE),
         seed=cfg.seed,
     )
+    val = share if val is None else val
     pool = None
     if d.unlabelled_fraction > 0:
         # whole patients: no patient is both labelled and unlabelled
