@@ -49,6 +49,10 @@ class DataConfig:
     # device on the same devices, so that selection can resolve a few points; the
     # training and test patients stay as they are (the val_fraction share goes unused)
     val_patients: int = 0
+    # > 0: the sites' unlabelled exams are a cohort of their own, this many other
+    # patients per device on the same devices (labels never read), beside the whole
+    # labelled training split; instead of `unlabelled_fraction`, which takes them from it
+    unlabelled_patients: int = 0
     download: bool = False  # CIFAR-100: fetch the official archive when root is empty
 
 
@@ -115,8 +119,8 @@ class ClassImpressionConfig:
     freeze_old: bool = True  # keep the old head rows fixed
     imprint: bool = True  # new-class rows from mean teacher features
     # contrastive target (eq. 6), unlabelled by the method: task_data = the site's own
-    # task images | unlabelled = its unlabelled exams (data.unlabelled_fraction) of the
-    # views it performs | test = the test images of every class seen (the paper's
+    # task images | unlabelled = its unlabelled exams (data.unlabelled_fraction or
+    # data.unlabelled_patients) of the views it performs | test = the test images of every class seen (the paper's
     # transductive choice, reported as such)
     target: str = "task_data"
     # Levers against forgetting (docs/results.md, "Keeping the old views"); the
@@ -358,6 +362,7 @@ _POSITIVE = {
 _NON_NEGATIVE = {
     "local_epochs", "init_classes", "lr", "weight_decay", "momentum",
     "data.max_per_class", "data.image_size", "data.val_patients",
+    "data.unlabelled_patients",
     "synthesis.batch_size", "synthesis.lr",
     "synthesis.warmup", "synthesis.init_noise", "synthesis.jitter",
     "synthesis.min_mean_count", "synthesis.mean_noise_std", "ci.margin_weight",

@@ -225,7 +225,8 @@ def contrastive_target(
     if pool is None:
         raise ConfigError(
             "config key 'ci.target' = 'unlabelled' needs unlabelled exams: set "
-            "'data.unlabelled_fraction' above 0"
+            "'data.unlabelled_fraction' (or, procedural echo, "
+            "'data.unlabelled_patients') above 0"
         )
     mine = pool.of_classes(received)
     if len(mine) == 0:

@@ -141,3 +141,40 @@ def test_a_validation_cohort_is_refused_outside_the_procedural_echo() -> None:
     cfg = Config.from_dict({"dataset": "cifar100", "data": {"val_patients": 4}})
     with pytest.raises(ConfigError, match="data.val_patients"):
         load_splits(cfg, ["apple"], [0])
+
+
+# ----- an unlabelled cohort (data.unlabelled_patients) ---------------------------------
+def test_an_unlabelled_cohort_leaves_the_labelled_splits_as_they_were() -> None:
+    before, after = (
+        _splits(val_patients=4),
+        _splits(val_patients=4, unlabelled_patients=3),
+    )
+    for split in ("train", "val", "test"):
+        assert torch.equal(getattr(before, split).frames, getattr(after, split).frames)
+    assert before.unlabelled is None
+    assert len(after.unlabelled) == 3 * 2 * 5  # patients per device x devices x views
+    assert after.unlabelled.mean == after.train.mean  # the study's normalisation
+
+
+def test_an_unlabelled_cohort_is_other_patients_than_every_split() -> None:
+    splits = _splits(val_patients=4, unlabelled_patients=3)
+    pool = set(splits.unlabelled.patients.tolist())
+    for split in (splits.train, splits.val, splits.test):
+        assert not pool & set(split.patients.tolist())
+    assert not torch.equal(splits.unlabelled.frames[:10], splits.val.frames[:10])
+
+
+def test_an_unlabelled_cohort_and_fraction_together_are_refused() -> None:
+    from fl_ci.config import ConfigError
+
+    with pytest.raises(ConfigError, match="unlabelled_patients.*unlabelled_fraction"):
+        _splits(unlabelled_patients=3, unlabelled_fraction=0.25)
+
+
+def test_an_unlabelled_cohort_is_refused_outside_the_procedural_echo() -> None:
+    from fl_ci.config import Config, ConfigError
+    from fl_ci.data.registry import load_splits
+
+    cfg = Config.from_dict({"dataset": "cifar100", "data": {"unlabelled_patients": 3}})
+    with pytest.raises(ConfigError, match="data.unlabelled_patients"):
+        load_splits(cfg, ["apple"], [0])

@@ -34,7 +34,8 @@ TEST_SHARE = 0.2
 @dataclass
 class Splits:
     """Train (for sites), validation (model selection), test (reporting only) and the
-    sites' unlabelled exams (`data.unlabelled_fraction`; None when not asked for)."""
+    sites' unlabelled exams (`data.unlabelled_fraction` or `.unlabelled_patients`;
+    None when not asked for)."""
 
     train: ImageData
     val: ImageData
@@ -120,12 +121,14 @@ def _load_echo(cfg: Config, root: str, names: list[str]) -> Splits:
 def render_echo_synth(cfg: Config, cohort: int = 0) -> ImageData:
     """The procedural echo cines of a study's config (`data.*`, `seed`): the one
     place that maps config keys to the renderer. `cohort` 1 is the validation
-    cohort of `data.val_patients` patients per device."""
+    cohort of `data.val_patients` patients per device, 2 the unlabelled exams'
+    cohort of `data.unlabelled_patients`."""
     from fl_ci.data.echo_synth import make_echo_synth
 
     d = cfg.data
+    patients = {0: d.patients, 1: d.val_patients, 2: d.unlabelled_patients}[cohort]
     return make_echo_synth(
-        patients=d.val_patients if cohort else d.patients,
+        patients=patients,
         devices=d.devices,
         cines_per_view=d.cines_per_view,
         frames=d.frames,
@@ -136,19 +139,28 @@ def render_echo_synth(cfg: Config, cohort: int = 0) -> ImageData:
 
 
 def _load_echo_synth(cfg: Config, root: str, names: list[str]) -> Splits:
+    d = cfg.data
     data = _by_names(render_echo_synth(cfg), names)
-    if not cfg.data.val_patients:
-        return _split_patients(cfg, data)
-    cohort = _by_names(render_echo_synth(cfg, cohort=1), names)
-    val = replace(
-        cohort,
-        # ids after the study's own, so no patient id is in two splits; the study's
-        # normalisation, not the cohort's own render statistics
-        patients=cohort.patients + cfg.data.devices * cfg.data.patients,
-        mean=data.mean,
-        std=data.std,
-    )
-    return _split_patients(cfg, data, val=val)
+    cohorts = {}
+    first_id = d.devices * d.patients
+    for cohort, split, patients in (
+        (1, "val", d.val_patients),
+        (2, "pool", d.unlabelled_patients),
+    ):
+        if not patients:
+            continue
+        rendered = _by_names(render_echo_synth(cfg, cohort=cohort), names)
+        cohorts[split] = replace(
+            rendered,
+            # ids after the study's own (and the validation cohort's), so no patient
+            # id is in two splits; the study's normalisation, not the cohort's own
+            # render statistics
+            patients=rendered.patients + first_id,
+            mean=data.mean,
+            std=data.std,
+        )
+        first_id += d.devices * patients
+    return _split_patients(cfg, data, **cohorts)
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -251,10 +263,16 @@ def load_splits(
             "data must stay labelled"
         )
     spec = dataset_spec(cfg.dataset)
-    if cfg.data.val_patients and spec.name != "echo-synth":
+    for key in ("val_patients", "unlabelled_patients"):
+        if getattr(cfg.data, key) and spec.name != "echo-synth":
+            raise ConfigError(
+                f"config key 'data.{key}' renders a cohort of the procedural echo "
+                f"only (dataset 'echo-synth'), not {cfg.dataset!r}"
+            )
+    if cfg.data.unlabelled_patients and cfg.data.unlabelled_fraction > 0:
         raise ConfigError(
-            "config key 'data.val_patients' renders a validation cohort of the "
-            f"procedural echo only (dataset 'echo-synth'), not {cfg.dataset!r}"
+            "config keys 'data.unlabelled_patients' and 'data.unlabelled_fraction' "
+            "both name the unlabelled exams: set one of them"
         )
     raw = spec.load(cfg, cfg.data.root if root is None else root, names)
     norm = normalization(cfg)
@@ -293,11 +311,16 @@ def _by_names(data: ImageData, names: list[str]) -> ImageData:
 
 
 def _split_patients(
-    cfg: Config, data: ImageData, skipped=None, val: ImageData | None = None
+    cfg: Config,
+    data: ImageData,
+    skipped=None,
+    val: ImageData | None = None,
+    pool: ImageData | None = None,
 ) -> Splits:
     """Echo data split by patient into train / val / test (seeded; no patient in two
     splits), then the unlabelled exams and the per-class cap. `val`, a validation
-    cohort of its own, replaces the val share (whose patients then go unused)."""
+    cohort of its own, replaces the val share (whose patients then go unused);
+    `pool`, an unlabelled cohort of its own, leaves the training split whole."""
     from fl_ci.data.echo import split_by_patient
 
     d = cfg.data
@@ -312,7 +335,6 @@ def _split_patients(
         seed=cfg.seed,
     )
     val = share if val is None else val
-    pool = None
     if d.unlabelled_fraction > 0:
         # whole patients: no patient is both labelled and unlabelled
         u = d.unlabelled_fraction
