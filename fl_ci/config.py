@@ -120,8 +120,8 @@ class ClassImpressionConfig:
     imprint: bool = True  # new-class rows from mean teacher features
     # contrastive target (eq. 6), unlabelled by the method: task_data = the site's own
     # task images | unlabelled = its unlabelled exams (data.unlabelled_fraction or
-    # data.unlabelled_patients) of the views it performs | test = the test images of every class seen (the paper's
-    # transductive choice, reported as such)
+    # data.unlabelled_patients) of the views it performs | test = the test images of
+    # every class seen (the paper's transductive choice, reported as such)
     target: str = "task_data"
     # Levers against forgetting (docs/results.md, "Keeping the old views"); the
     # defaults are the paper's method.
