@@ -189,7 +189,7 @@ def train(msg: Message, context: Context) -> Message:
         content[P.NOTES] = ConfigRecord(
             {P.SKIPPED: [s[:300] for s in data.skipped[:10]]}
         )
-    if at.round == cfg.rounds_per_task - 1:
+    if at.round == cfg.rounds_at(at.task) - 1:
         content[P.MEANS] = P.means_record(shared_class_means(data, at.task, store))
     return Message(content=content, reply_to=msg)
 

@@ -456,7 +456,12 @@ def _run_weights(out: Path, cfg_flat: dict[str, Any], tasks: int) -> dict[str, T
         raise BundleError(
             f"{ckpt} cannot be read ({type(err).__name__}: {err})"
         ) from None
-    rounds = tasks * int(cfg_flat.get("rounds_per_task", 1))
+    from fl_ci.config import Config, ConfigError
+
+    try:
+        rounds = Config.from_flat(cfg_flat).first_round(tasks) - 1  # the last round
+    except ConfigError as err:
+        raise BundleError(f"{out}: the run's config cannot be read ({err})") from None
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise BundleError(f"{ckpt} holds no model")
     if state.get("server_round") != rounds:

@@ -159,7 +159,7 @@ def restore(state: dict[str, Any], plan: StudyPlan, recorder: Recorder) -> Resum
     """Rebuild model, teacher and means from `state`; refill `recorder`; set the
     global random states as they were after the checkpointed round."""
     done = int(state["server_round"])
-    task = (done - 1) // plan.cfg.rounds_per_task
+    task = plan.cfg.task_of_round(done)
     model = plan.model_at_task(task)
     model.load_state_dict(state["model"])
     teacher = None

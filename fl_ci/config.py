@@ -243,6 +243,11 @@ class Config:
     sites: int = 1
     rounds_per_task: int = 1
     local_epochs: int = 1
+    # rounds and local epochs per round of the first task (0: rounds_per_task,
+    # local_epochs): the base model is trained once and every later task keeps its
+    # features, so it pays to fit it well (docs/results.md, "A base model fitted")
+    base_rounds: int = 0
+    base_epochs: int = 0
     batch_size: int = 64
     eval_batch_size: int = 256
     lr: float = 0.01
@@ -314,6 +319,30 @@ class Config:
     def replace(self, **changes: Any) -> Config:
         return replace(self, **changes)
 
+    # ----- the schedule of rounds (the one place that counts them) ------------------
+    def rounds_at(self, task: int) -> int:
+        """Rounds of `task`: `base_rounds` for the first task when set."""
+        return (
+            self.base_rounds if task == 0 and self.base_rounds else self.rounds_per_task
+        )
+
+    def epochs_at(self, task: int) -> int:
+        """Local epochs per round of `task`: `base_epochs` for the first when set."""
+        return self.base_epochs if task == 0 and self.base_epochs else self.local_epochs
+
+    def first_round(self, task: int) -> int:
+        """The server round (from 1) that opens `task`; `first_round(tasks) - 1` is
+        the study's last round."""
+        return 1 + (
+            self.rounds_at(0) + (task - 1) * self.rounds_per_task if task else 0
+        )
+
+    def task_of_round(self, server_round: int) -> int:
+        """The task that server round `server_round` (from 1) belongs to."""
+        if server_round <= self.rounds_at(0):
+            return 0
+        return 1 + (server_round - self.rounds_at(0) - 1) // self.rounds_per_task
+
 
 def parse_floats(key: str, text: str) -> tuple[float, ...]:
     """`"0.5, 0.25"` -> (0.5, 0.25); a ConfigError naming `key` otherwise."""
@@ -360,7 +389,7 @@ _POSITIVE = {
     "synthesis.lr_peak", "baselines.abd_bn_eps", "baselines.abd_blur_sigma",
 }  # fmt: skip
 _NON_NEGATIVE = {
-    "local_epochs", "init_classes", "lr", "weight_decay", "momentum",
+    "local_epochs", "base_epochs", "base_rounds", "init_classes", "lr", "weight_decay", "momentum",
     "data.max_per_class", "data.image_size", "data.val_patients",
     "data.unlabelled_patients",
     "synthesis.batch_size", "synthesis.lr",

@@ -202,7 +202,7 @@ def site_round(
         )
     method.prepare_model(model, ctx)
     metrics = train_round(model, method, ctx)
-    if round == cfg.rounds_per_task - 1:
+    if round == cfg.rounds_at(task) - 1:
         metrics.update(method.end_task(model, ctx))
     model.to("cpu")
     if teacher is not None:

@@ -124,9 +124,9 @@ class Study:
     def rounds(self) -> Iterator[Step]:
         """Every round not completed yet, in order; a task boundary (teacher, head
         growth) happens before its first round."""
-        rounds = self.cfg.rounds_per_task
         for task in range(len(self.plan.tasks)):
-            first = task * rounds + 1
+            rounds = self.cfg.rounds_at(task)
+            first = self.cfg.first_round(task)
             if first + rounds - 1 <= self.done:
                 continue  # the whole task was completed before a restart
             if task > 0 and first > self.done:

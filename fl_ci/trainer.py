@@ -44,7 +44,7 @@ def lr_at(cfg, epoch: int, total_epochs: int) -> float:
 def train_round(
     model: IncrementalNet, method: Method, ctx: SiteContext
 ) -> dict[str, Any]:
-    """Run `local_epochs` of `method` on the site's data; returns round metrics.
+    """Run the task's local epochs (`cfg.epochs_at`) of `method`; returns metrics.
 
     The epoch counter continues across the task's rounds so the learning-rate schedule
     spans the whole task, as in a centralized run.
@@ -78,7 +78,8 @@ def train_round(
         extra_bs = cfg.batch_size
     pad, flip = augmentation(cfg.dataset, ctx.data.size, cfg.augment)
     amp = device.type == "cuda" and cfg.amp
-    total_epochs = cfg.rounds_per_task * cfg.local_epochs
+    epochs = cfg.epochs_at(ctx.task)
+    total_epochs = cfg.rounds_at(ctx.task) * epochs
     sums: dict[str, torch.Tensor] = {}
     steps = 0
     seen = 0
@@ -88,13 +89,13 @@ def train_round(
     else:
         steps_per_epoch = math.ceil(n_real / real_bs) if n_real else 0
     bar = tqdm(
-        total=cfg.local_epochs * steps_per_epoch,
+        total=epochs * steps_per_epoch,
         desc=f"task {ctx.task} round {ctx.round}",
         disable=not ctx.progress,
         leave=False,
     )
-    for e in range(cfg.local_epochs):
-        epoch = ctx.round * cfg.local_epochs + e
+    for e in range(epochs):
+        epoch = ctx.round * epochs + e
         for group in optimizer.param_groups:
             group["lr"] = lr_at(cfg, epoch, total_epochs)
         method.begin_epoch(ctx)

@@ -53,3 +53,20 @@ def test_scenario_file_errors_name_the_file(tmp_path):
         Config.from_toml(bad)
     with pytest.raises(ConfigError, match="not found"):
         Config.from_toml(tmp_path / "missing.toml")
+
+
+def test_the_first_task_has_its_own_rounds_and_epochs_when_set():
+    cfg = Config(
+        tasks=3, rounds_per_task=2, local_epochs=5, base_rounds=3, base_epochs=9
+    )
+    assert [cfg.rounds_at(t) for t in range(3)] == [3, 2, 2]
+    assert [cfg.epochs_at(t) for t in range(3)] == [9, 5, 5]
+    assert [cfg.first_round(t) for t in range(4)] == [1, 4, 6, 8]  # 7 rounds in all
+    assert [cfg.task_of_round(r) for r in range(1, 8)] == [0, 0, 0, 1, 1, 2, 2]
+
+
+def test_unset_base_rounds_and_epochs_follow_every_other_task():
+    cfg = Config(tasks=3, rounds_per_task=2, local_epochs=5)
+    assert [cfg.rounds_at(t) for t in range(3)] == [2, 2, 2]
+    assert [cfg.epochs_at(t) for t in range(3)] == [5, 5, 5]
+    assert [cfg.task_of_round(r) for r in range(1, 7)] == [0, 0, 1, 1, 2, 2]

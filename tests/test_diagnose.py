@@ -119,6 +119,8 @@ def tiny_run(tmp_path_factory):
             "--set",
             "local_epochs=1",
             "--set",
+            "base_epochs=1",
+            "--set",
             "synthesis.iterations=4",
             "--set",
             "synthesis.per_class=3",

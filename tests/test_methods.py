@@ -121,6 +121,20 @@ def runs(experiment, tmp_path_factory):
     return get
 
 
+def test_base_epochs_train_only_the_first_task_longer(experiment, tmp_path):
+    cfg = experiment.cfg.replace(local_epochs=1, base_epochs=3)
+    exp = dataclasses.replace(
+        experiment, plan=dataclasses.replace(experiment.plan, cfg=cfg)
+    )
+    first, second = (
+        t["metrics"]
+        for t in run_two_tasks(exp, SiteStore(tmp_path / "store"), tmp_path)["tasks"]
+    )
+    # fine-tuning sees each real row once an epoch: 3 epochs, then 1
+    assert first["train_images"] == 3 * first["num_examples"]
+    assert second["train_images"] == second["num_examples"]
+
+
 @pytest.mark.parametrize("name", sorted(registry()))
 def test_method_learns_first_task_above_chance(runs, name):
     accuracy = runs(name)["tasks"][0]["first_task_accuracy"]  # % on 3 classes

@@ -14,7 +14,9 @@ from simulations.__main__ import SCENARIOS
 # there at 3 steps); the impressions' quality is tests/test_synthesis.py's business.
 SMALL = [
     "local_epochs=1",
+    "base_epochs=0",
     "rounds_per_task=1",
+    "base_rounds=0",
     "batch_size=16",
     "synthesis.iterations=1",
     "synthesis.per_class=2",

@@ -64,6 +64,17 @@ def lower_triangle(matrix) -> np.ndarray:
     return m[np.tril_indices(len(m))]
 
 
+def test_the_study_loop_gives_the_first_task_its_own_rounds(tmp_path):
+    cfg = Config.from_dict({**SINGLE_SITE, "rounds_per_task": 2, "base_rounds": 3})
+    study = Study(cfg, tmp_path, central=Experiment.from_config(cfg), progress=False)
+    steps = [(s.task, s.round, s.server_round, s.last) for s in study.rounds()]
+    assert steps == [
+        (0, 0, 1, False), (0, 1, 2, False), (0, 2, 3, True),
+        (1, 0, 4, False), (1, 1, 5, True),
+        (2, 0, 6, False), (2, 1, 7, True),
+    ]  # fmt: skip
+
+
 @pytest.mark.slow
 def test_a_seed_repeats_its_single_site_run_exactly(tmp_path):
     cfg = Config.from_dict(SINGLE_SITE)

@@ -16,6 +16,8 @@ TINY_ECHO_PAPER = [
     "--set",
     "local_epochs=1",
     "--set",
+    "base_epochs=1",
+    "--set",
     "synthesis.iterations=5",
     "--set",
     "synthesis.per_class=4",
