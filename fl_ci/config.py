@@ -51,7 +51,8 @@ class DataConfig:
     val_patients: int = 0
     # > 0: the sites' unlabelled exams are a cohort of their own, this many other
     # patients per device on the same devices (labels never read), beside the whole
-    # labelled training split; instead of `unlabelled_fraction`, which takes them from it
+    # labelled training split; instead of `unlabelled_fraction`, which takes them
+    # from it
     unlabelled_patients: int = 0
     download: bool = False  # CIFAR-100: fetch the official archive when root is empty
 
@@ -245,7 +246,8 @@ class Config:
     local_epochs: int = 1
     # rounds and local epochs per round of the first task (0: rounds_per_task,
     # local_epochs): the base model is trained once and every later task keeps its
-    # features, so it pays to fit it well (docs/results.md, "A base model fitted")
+    # features, so it pays to fit it well (docs/results.md, "A base model fitted to
+    # its task")
     base_rounds: int = 0
     base_epochs: int = 0
     batch_size: int = 64
@@ -333,15 +335,14 @@ class Config:
     def first_round(self, task: int) -> int:
         """The server round (from 1) that opens `task`; `first_round(tasks) - 1` is
         the study's last round."""
-        return 1 + (
-            self.rounds_at(0) + (task - 1) * self.rounds_per_task if task else 0
-        )
+        return 1 + sum(self.rounds_at(t) for t in range(task))
 
     def task_of_round(self, server_round: int) -> int:
         """The task that server round `server_round` (from 1) belongs to."""
-        if server_round <= self.rounds_at(0):
-            return 0
-        return 1 + (server_round - self.rounds_at(0) - 1) // self.rounds_per_task
+        task = 0
+        while self.first_round(task + 1) <= server_round:
+            task += 1
+        return task
 
 
 def parse_floats(key: str, text: str) -> tuple[float, ...]:
@@ -389,7 +390,8 @@ _POSITIVE = {
     "synthesis.lr_peak", "baselines.abd_bn_eps", "baselines.abd_blur_sigma",
 }  # fmt: skip
 _NON_NEGATIVE = {
-    "local_epochs", "base_epochs", "base_rounds", "init_classes", "lr", "weight_decay", "momentum",
+    "local_epochs", "base_epochs", "base_rounds", "init_classes", "lr",
+    "weight_decay", "momentum",
     "data.max_per_class", "data.image_size", "data.val_patients",
     "data.unlabelled_patients",
     "synthesis.batch_size", "synthesis.lr",

@@ -10,17 +10,19 @@ weights max_j n_j / n_c, centroids of unscaled cosine scores.
 Ablations are switches: `ci.margin_weight = 0`, `ci.contrastive_weight = 0`,
 `ci.distill_weight = 0`, `synthesis.init = "random"`, `head = "linear"`.
 Levers against forgetting, off by default except feature matching (docs/results.md,
-"Keeping the old views"): `ci.real_ce = "local"` (each row's cross-entropy within its own side of the
-old/new split, ABD and R-DFCIL), `ci.head_align_weight` (a class-balanced
-cross-entropy that trains only the head on the batch's detached features),
-`ci.logit_distill_weight` (R-DFCIL's L1 on the old-class logits of impressions),
+"Keeping the old views"): `ci.real_ce = "local"` (each row's cross-entropy within its
+own side of the old/new split, ABD and R-DFCIL), `ci.head_align_weight` (a
+class-balanced cross-entropy that trains only the head on the batch's detached
+features), `ci.logit_distill_weight` (R-DFCIL's L1 on the old-class logits of
+impressions),
 `ci.distill_rows = "synthetic"` (eq. 7 on the impressions only),
 `ci.augment_impressions` (the real rows' crop and flip on impressions too);
 from the real feature statistics a site keeps at the end of each task
 (fl_ci/prototypes.py): `ci.prototype_weight` (feature replay of the old classes on
 the head, PASS), `synthesis.feature_weight` (impressions' mean features pulled to
-the real ones, CwD; on at 10, the one lever that won on validation) and `ci.calibration_steps` (the new head rows alone retrained on
-pseudo-features of every class, SLCA).
+the real ones, CwD; on at 10, the one lever that won on validation) and
+`ci.calibration_steps` (the new head rows alone retrained on pseudo-features of every
+class, SLCA).
 Upstream's own forms, where ours differ, are switches too (docs/results.md, "Fidelity
 to upstream"): `ci.margin_anchors = "old_rows"` (margin anchors = every old-label row,
 not only the impressions), `ci.centroid_form = "zero_init"` (zero-started centroids
