@@ -139,7 +139,7 @@ class ScreenPolicy:
     """The screen's tolerances (federation.* knobs; 0 switches a test off)."""
 
     max_norm_ratio: float = 10.0  # x the median of the other or earlier norms
-    max_update_ratio: float = 1.0  # x the global model's own norm
+    max_update_ratio: float = 10.0  # x the global model's own norm
     max_count_ratio: float = 10.0  # x the other or earlier example counts
 
 
@@ -217,7 +217,7 @@ def screen_replies(
         ):
             reason = (
                 f"update norm {norm:.3g} is over {policy.max_update_ratio}x the global "
-                f"model's own norm {weights:.3g}"
+                f"model's own norm {weights:.3g} (federation.max_update_ratio)"
             )
         c = policy.max_count_ratio
         if reason is None and c > 0:

@@ -178,6 +178,9 @@ def test_a_1000x_site_at_two_reply_rounds_is_left_out_and_the_study_completes(
         assert val[rnd]["sites_sat_out"] == 1 and val[rnd]["sites_rejected"] == 1
         assert val[rnd]["sites_aggregated"] == 1
         assert "site 1: update norm" in val[rnd]["left_out"]
+    # each round records its largest accepted update against the model's own norm:
+    # the honest sites' margin to the bound, not the rejected 1000x reply's
+    assert all(0 < r["update_ratio"] < 1 for r in val.values()), val
     assert all(np.isfinite(a) for a in summary["accuracy_after_task"])
     # task 2's impressions were synthesized from a clean teacher: finite
     store = tmp_path / "sites" / "site-0"
