@@ -8,8 +8,8 @@ SuperNode per site), then reads the run's metrics.parquet: per round the server'
 `bytes_received` (array payloads, all sites together). The first round also pays
 for Ray's actors starting and importing the client app, so it is reported apart.
 Without SCENARIO: echo-federated's small CPU variant, the README's main job
-(`data.patients=30`, `rounds_per_task=2`, `base_rounds=6`; the scenario's synthesis,
-200 iterations and 30 impressions a class, as pyproject.toml's); `--set` goes on top.
+(`data.patients=30`, `rounds_per_task=2`, `base_rounds=6`, `synthesis.iterations=200`,
+`synthesis.per_class=30`, as pyproject.toml's); `--set` goes on top.
 
 Also timed once in this process: `Experiment.from_config` (loading or generating the
 data), which every site repeats at every round (client/app.py).
@@ -38,6 +38,8 @@ SMALL = [  # the README's main job
     "data.patients=30",
     "rounds_per_task=2",
     "base_rounds=6",  # pyproject's; the scenario's own is 9
+    "synthesis.iterations=200",  # pyproject's; the scenario's own is 300
+    "synthesis.per_class=30",  # and 40
 ]
 
 

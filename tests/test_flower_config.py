@@ -33,7 +33,7 @@ def test_pyproject_run_config_has_every_config_key_and_parses():
 
 def test_the_main_job_is_echo_federated_small_variant():
     """The README's main job (`flwr run .`, pyproject's run-config) is the
-    `echo-federated` scenario with the three overrides the README's table names;
+    `echo-federated` scenario with the five overrides the README's table names;
     a default changed in one place and not the other fails here. One difference
     is meant: a Flower site leaves out a bad manifest row and reports it
     (`data.skip_bad`) where a simulation stops at it; the procedural data has none."""
@@ -43,7 +43,13 @@ def test_the_main_job_is_echo_federated_small_variant():
     main_job, _ = split_run_config(_flatten(app["config"]))
     small = Config.from_toml(
         scenario_path("echo-federated"),
-        ["data.patients=30", "rounds_per_task=2", "base_rounds=6"],
+        [
+            "data.patients=30",
+            "rounds_per_task=2",
+            "base_rounds=6",
+            "synthesis.iterations=200",
+            "synthesis.per_class=30",
+        ],
     )
     differ = {
         key: (value, small.to_flat()[key])
