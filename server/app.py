@@ -47,7 +47,6 @@ from server.checks import (
     ScreenMemory,
     ScreenPolicy,
     bounded_weights,
-    model_norm,
     screen_replies,
     short_error,
     site_of,
@@ -258,10 +257,6 @@ class FlowerDriver:
         for reply in good:
             self._note_site_data(server_round, reply)
         seconds = time.perf_counter() - started
-        # how near the accepted updates came to the screen's bound on the model's
-        # own norm (federation.max_update_ratio): an operator's margin, per round
-        own = model_norm(sent)
-        largest = max(update_norm(reply, sent) for reply in good)
         weights = bounded_weights(
             good,
             task=step.task,
@@ -288,7 +283,8 @@ class FlowerDriver:
             "round_seconds": seconds,
             "bytes_sent": collected.bytes_sent,
             "bytes_received": collected.bytes_received,
-            "update_ratio": largest / own if own > 0 else float("nan"),
+            # the screen's margin to its bound on the model's own norm, this round
+            "update_ratio": self.memory.update_ratio,
         }
         note = (
             f"{len(good)}/{collected.sites} sites, {seconds:.1f} s, "

@@ -131,6 +131,9 @@ class ScreenMemory:
         default_factory=lambda: {True: [], False: []}
     )
     claims: list[float] = field(default_factory=list)
+    # the last screened round's largest accepted update over the model's own norm
+    # (federation.max_update_ratio's margin; nan when none was accepted)
+    update_ratio: float = math.nan
     first_claim: dict[tuple[int, int | str], float] = field(default_factory=dict)
 
 
@@ -188,6 +191,8 @@ def screen_replies(
             rejected.append(Rejected(site_of(reply, known_sites), reason, kind))
         else:
             good.append(reply)
+    if memory is not None:
+        memory.update_ratio = math.nan
     if not good:
         return good, rejected
     norms = [update_norm(r, sent) for r in good]
@@ -245,6 +250,8 @@ def screen_replies(
     if memory is not None:
         memory.norms[first_round] += kept_norms
         memory.claims += kept_claims
+        if kept_norms and weights > 0:
+            memory.update_ratio = max(kept_norms) / weights
     return kept, rejected
 
 

@@ -41,19 +41,17 @@ def test_the_main_job_is_echo_federated_small_variant():
 
     app = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]
     main_job, _ = split_run_config(_flatten(app["config"]))
-    small = Config.from_toml(
-        scenario_path("echo-federated"),
-        [
-            "data.patients=30",
-            "rounds_per_task=2",
-            "base_rounds=6",
-            "synthesis.iterations=200",
-            "synthesis.per_class=30",
-        ],
-    )
+    overrides = [
+        "data.patients=30",
+        "rounds_per_task=2",
+        "base_rounds=6",
+        "synthesis.iterations=200",
+        "synthesis.per_class=30",
+    ]
+    small = Config.from_toml(scenario_path("echo-federated"), overrides).to_flat()
     differ = {
-        key: (value, small.to_flat()[key])
+        key: (value, small[key])
         for key, value in main_job.to_flat().items()
-        if value != small.to_flat()[key]
+        if value != small[key]
     }
     assert differ == {"data.skip_bad": (True, False)}

@@ -14,7 +14,14 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from fl_ci.config import Config
 from fl_ci.models import build_model
 from server.app import aggregate
-from server.checks import ScreenMemory, ScreenPolicy, bounded_weights, screen_replies
+from server.checks import (
+    ScreenMemory,
+    ScreenPolicy,
+    bounded_weights,
+    model_norm,
+    screen_replies,
+    update_norm,
+)
 from server.strategies import build_strategy
 from simulations.federated import run_federated
 
@@ -70,6 +77,16 @@ def test_honest_replies_all_pass_and_are_remembered(sent):
     good, rejected = _screen([_reply(_update(1, s), s) for s in range(3)], sent, memory)
     assert len(good) == 3 and rejected == []
     assert len(memory.norms[True]) == 3 and memory.claims == [10.0, 10.0, 10.0]
+
+
+def test_the_screen_remembers_the_largest_accepted_update_over_the_model(sent):
+    # the 1000x reply is rejected, so the margin is the honest replies' own
+    memory = ScreenMemory()
+    honest = [_reply(_update(1, s), s) for s in (0, 2)]
+    _screen([honest[0], _reply(_update(1000, 1), 1), honest[1]], sent, memory)
+    largest = max(update_norm(r, sent) for r in honest)
+    assert memory.update_ratio == pytest.approx(largest / model_norm(sent))
+    assert memory.update_ratio < 1
 
 
 def test_a_1000x_update_with_one_other_reply_is_judged_against_the_model(sent):
